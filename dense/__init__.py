@@ -1,0 +1,34 @@
+"""DenseDiffusion layout control inside SD3's joint attention (dense-spec.md).
+
+How the pieces fit, for one generation (the pipeline / CLI does the tokenizing and encoding):
+
+1. `read_layout(path)` and `layout_prompt(layout, prompt)`: the validated layout and the prompt.
+2. `region_masks(layout, H, W)` then `assign_tokens(masks, phrases)`: image tokens -> regions.
+3. per region, `match_phrase(prompt CLIP ids, phrase bare CLIP ids, prompt T5 ids, phrase bare T5 ids)`.
+4. `replace_phrase_embeddings(positive context, phrase encodings, matches)` (on by default).
+5. `DensePlan.build(...)`, then per model call `plan.for_call(step, positive)` -> `DenseAttention | None`,
+   passed to the transformer as `dense=`; the attention calls `modulate` and `record` on it.
+6. After sampling, `plan.maps.to_stats()`, `plan.maps.region_maps()` and `map_to_image` (if recorded).
+"""
+
+from __future__ import annotations
+
+from dense.layout import (MAX_REGIONS, Layout, LayoutError, Region, box_mask, layout_prompt, parse_layout,
+                          read_layout, read_mask, region_masks, resize_nearest)
+from dense.maps import AttentionMaps, map_to_image
+from dense.modulation import PRESETS, DenseAttention, DenseConfig, DensePlan, TokenTables, build_tables
+from dense.phrases import PhraseEncoding, replace_phrase_embeddings
+from dense.schedule import active_steps, step_lambdas, unshifted_sigma
+from dense.tokens import (CELL, CLIP_TOKENS, PhraseMatch, RegionTokens, assign_tokens, find_subsequence,
+                          match_phrase, text_classes)
+
+__all__ = [
+    "MAX_REGIONS", "Layout", "LayoutError", "Region", "box_mask", "layout_prompt", "parse_layout", "read_layout",
+    "read_mask", "region_masks", "resize_nearest",
+    "AttentionMaps", "map_to_image",
+    "PRESETS", "DenseAttention", "DenseConfig", "DensePlan", "TokenTables", "build_tables",
+    "PhraseEncoding", "replace_phrase_embeddings",
+    "active_steps", "step_lambdas", "unshifted_sigma",
+    "CELL", "CLIP_TOKENS", "PhraseMatch", "RegionTokens", "assign_tokens", "find_subsequence", "match_phrase",
+    "text_classes",
+]

@@ -1,0 +1,154 @@
+"""Finding and loading the MM-DiT and the VAE from the official releases.
+
+Two layouts are accepted, and a path decides which:
+* a Stability single file, e.g. `sd3.5_large.safetensors`: MM-DiT under `model.diffusion_model.`, VAE under
+  `first_stage_model.` (sd3-reference-and-comfyui.md §1.1);
+* a diffusers folder (the Hugging Face repos, or `save_pretrained` output) with `transformer/` and `vae/`, each a
+  `config.json` plus safetensors, possibly sharded (sd3-diffusers-numerics.md §7.3).
+The diffusers layout goes through the key maps in `transformer_keys` / `vae_keys`; our modules only know the
+Stability names. The configuration is always inferred from tensor shapes; `config.json` only supplies what
+shapes cannot tell (the head count of a model without QK-norm, the VAE's latent scale and shift).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmdit.model import MMDiT, MMDiTConfig, NotSD3Error
+from mmdit.vae import VAE, VAEConfig
+
+from .safetensors import CheckpointError, load_weights, read_shapes, read_tensors, weight_files
+from .transformer_keys import is_diffusers_layout, transformer_from_diffusers
+from .vae_keys import vae_config_from_diffusers, vae_from_diffusers
+
+TRANSFORMER_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+# Key fragments of other model families, to say what a wrong file is instead of only what it is not.
+OTHER_FAMILIES = {
+    "input_blocks.": "a UNet (Stable Diffusion 1.x / 2.x / SDXL)",
+    "double_blocks.": "a FLUX transformer",
+    "down_blocks.": "a diffusers UNet",
+    "conditioner.embedders.": "an SDXL checkpoint",
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the diffusion components live: one single file, or one diffusers folder."""
+
+    path: Path
+    single_file: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.single_file else self.path.name
+
+
+def locate(path: str | Path) -> Checkpoint:
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"{path}: only .safetensors checkpoints are loaded (pickled .ckpt/.pt/.bin files can run code)"
+            )
+        return Checkpoint(path, single_file=True)
+    if path.is_dir():
+        if (path / "transformer").is_dir():
+            return Checkpoint(path, single_file=False)
+        raise CheckpointError(
+            f"{path}: a folder, but not a diffusers pipeline folder (no transformer/ inside). "
+            "Give the folder that holds model_index.json, transformer/ and vae/, or a single .safetensors file."
+        )
+    raise CheckpointError(f"{path}: no such file or folder")
+
+
+def _what_is_it(keys) -> str:
+    for fragment, family in OTHER_FAMILIES.items():
+        if any(fragment in k for k in keys):
+            return f"; it looks like {family}"
+    return ""
+
+
+def _read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def _transformer_source(checkpoint: Checkpoint) -> tuple[list[Path], str, int | None]:
+    """(files, key prefix, head count from config.json) for the MM-DiT of a checkpoint."""
+    if checkpoint.single_file:
+        files = [checkpoint.path]
+        if read_shapes(files, TRANSFORMER_PREFIX):
+            return files, TRANSFORMER_PREFIX, None
+        return files, "", None  # a bare transformer file (no prefix), in either layout
+    folder = checkpoint.path / "transformer"
+    return weight_files(folder), "", _read_config(folder).get("num_attention_heads")
+
+
+def transformer_config(checkpoint: Checkpoint) -> MMDiTConfig:
+    """The MM-DiT's configuration, from the file headers alone (no tensor data is read)."""
+    files, prefix, num_heads = _transformer_source(checkpoint)
+    # Meta tensors carry shapes only, so the key map and the config inference run before any data is read.
+    meta = {k: torch.empty(s, device="meta") for k, s in read_shapes(files, prefix).items()}
+    diffusers = is_diffusers_layout(meta)
+    if diffusers:
+        meta = transformer_from_diffusers(meta)
+    try:
+        return MMDiTConfig.from_state_dict(meta, num_heads=num_heads if diffusers else None)
+    except NotSD3Error as e:
+        raise NotSD3Error(f"{checkpoint.path}: {e}{_what_is_it(meta)}") from None
+
+
+def variant(checkpoint: Checkpoint, config: MMDiTConfig) -> str:
+    """The released model, for presets. Large-Turbo has Large's architecture, so only its name tells them apart."""
+    if config.variant == "sd3.5-large" and "turbo" in str(checkpoint.path).lower():
+        return "sd3.5-large-turbo"
+    return config.variant
+
+
+def load_transformer(
+    checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> MMDiT:
+    """The MM-DiT in `dtype` on `device`, built from its weights alone."""
+    config = transformer_config(checkpoint)
+    files, prefix, _ = _transformer_source(checkpoint)
+    state = read_tensors(files, prefix, device=device)
+    if is_diffusers_layout(state):
+        state = transformer_from_diffusers(state)
+    with torch.device("meta"):
+        model = MMDiT(config)
+    return load_weights(model, state, what=f"MM-DiT from {checkpoint.path}", dtype=dtype, device=device)
+
+
+def load_vae(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VAE:
+    """The VAE (decoder, and encoder when the file has one) in `dtype` on `device`."""
+    if checkpoint.single_file:
+        files, prefix, settings = [checkpoint.path], VAE_PREFIX, {}  # SD3's constants are the defaults
+        if not read_shapes(files, VAE_PREFIX):
+            raise CheckpointError(
+                f"{checkpoint.path}: no VAE inside (no '{VAE_PREFIX}' tensors); "
+                "use the full release file (e.g. sd3.5_large.safetensors), which carries the VAE"
+            )
+    else:
+        folder = checkpoint.path / "vae"
+        files, prefix = weight_files(folder), ""
+        found = vae_config_from_diffusers(_read_config(folder))
+        settings = dict(norm_groups=found.norm_groups, scaling_factor=found.scaling_factor, shift_factor=found.shift_factor)
+    state = read_tensors(files, prefix, device=device)
+    if not checkpoint.single_file:
+        state = vae_from_diffusers(state)
+    config = VAEConfig.from_state_dict(state, **settings)
+    with torch.device("meta"):
+        vae = VAE(config)
+    return load_weights(vae, state, what=f"VAE from {checkpoint.path}", dtype=dtype, device=device)
+

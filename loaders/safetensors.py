@@ -1,0 +1,172 @@
+"""Reading safetensors files and loading them, strictly, into modules built on the meta device.
+
+Only safetensors: a checkpoint never runs code on load, so nothing here ever unpickles. Every problem is a
+`CheckpointError` that names the file or the key and says what was expected.
+
+The loading recipe (style guide §A.4 rule 8, as in the FLUX reference): build the module under
+`torch.device("meta")` (no memory, no random init), read the tensors, cast each one once to the requested
+dtype and device, and hand them to `load_state_dict(strict=True, assign=True)` so the module's parameters
+*are* those tensors: no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A weight file is missing, unreadable, of the wrong kind, or does not fit the model."""
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding one component in a diffusers/transformers folder.
+
+    A sharded component ships `*.safetensors.index.json` whose `weight_map` names the shards; otherwise the
+    folder holds one `*.safetensors` file (a variant such as `model.fp16.safetensors` is only used when it is
+    the sole file).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index = indexes[0]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not in {folder}: {missing}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) > 1:
+        plain = [f for f in files if f.name.count(".") == 1]
+        files = plain if len(plain) == 1 else files
+    if len(files) == 1:
+        return files
+    if files:
+        raise CheckpointError(
+            f"{folder} holds several safetensors files and no index: {[f.name for f in files]}; "
+            "keep one, or add the *.safetensors.index.json that names the shards"
+        )
+    pickled = [f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    hint = f" (found {pickled}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+    raise CheckpointError(f"{folder}: no .safetensors file{hint}")
+
+
+def _check_file(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: pickled checkpoints are never loaded (they can run code); use the .safetensors release"
+        )
+    return path
+
+
+def _open(path: Path, device: str | torch.device = "cpu"):
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt, download it again"
+        ) from None
+
+
+def read_shapes(files: Path | Sequence[Path], prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Key -> shape for every tensor under `prefix` (stripped), read from the headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in [files] if isinstance(files, (str, Path)) else files:
+        path = _check_file(path)
+        with _open(path) as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    shapes[key[len(prefix) :]] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def read_tensors(
+    files: Path | Sequence[Path], prefix: str = "", *, device: str | torch.device = "cpu"
+) -> dict[str, Tensor]:
+    """Every tensor whose key starts with `prefix`, with the prefix stripped, from one file or a set of shards."""
+    tensors: dict[str, Tensor] = {}
+    for path in [files] if isinstance(files, (str, Path)) else files:
+        path = _check_file(path)
+        with _open(path, device) as f:
+            for key in f.keys():
+                if not key.startswith(prefix):
+                    continue
+                name = key[len(prefix) :]
+                if name in tensors:
+                    raise CheckpointError(f"{path}: tensor {key!r} appears in more than one shard")
+                try:
+                    tensors[name] = f.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(
+                        f"{path}: cannot read tensor {key!r} ({e}); the file may be truncated or corrupt"
+                    ) from None
+    return tensors
+
+
+def _listing(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_weights(
+    module: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    what: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    fp32_keys: Callable[[str], bool] | None = None,
+) -> nn.Module:
+    """Load `state` into `module` (built on the meta device) strictly, in `dtype` on `device`.
+
+    Floating tensors (float8 included, which is upcast) become `dtype`, except keys for which `fp32_keys`
+    says True; integer tensors keep their dtype. `state` is consumed: each entry is replaced by its cast copy
+    as we go, so peak memory is the checkpoint plus one tensor. Returns the module in eval mode, without grads.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_listing(unexpected)}")
+    wrong = [
+        f"{k} (expected {list(expected[k])}, found {list(state[k].shape)})"
+        for k in sorted(expected.keys() & state.keys())
+        if tuple(state[k].shape) != expected[k]
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: " + "; ".join(wrong[:8]))
+    if problems:
+        raise CheckpointError(f"{what}: the weights do not fit the model: " + " | ".join(problems))
+
+    for key in list(state):
+        t = state[key]
+        if t.is_floating_point():
+            target = torch.float32 if fp32_keys is not None and fp32_keys(key) else dtype
+            state[key] = t.to(device=device, dtype=target)
+        else:
+            state[key] = t.to(device=device)
+    module.load_state_dict(state, strict=True, assign=True)
+    still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if still_meta:  # a buffer the checkpoint does not carry: the module must create it itself
+        raise CheckpointError(f"{what}: tensors left without data after loading: {_listing(still_meta)}")
+    return module.requires_grad_(False).eval()

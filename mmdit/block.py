@@ -1,0 +1,137 @@
+"""The MM-DiT joint block: two streams (image `x_block`, text `context_block`) that share one attention.
+
+SD3 paper §4, Fig. 2b: each stream keeps its own weights (adaLN modulation, qkv, output projection, MLP), but
+the attention runs once over the concatenated tokens, so image and text read each other both ways. Every
+sub-layer is adaLN-Zero modulated by the conditioning vector (DiT §3.2): LayerNorm without affine, then
+x·(1 + scale) + shift, and the sub-layer's output is multiplied by a gate before it joins the residual.
+
+Variants, each a small class or one flag rather than a bag of options:
+* `StreamBlock`: the ordinary stream (6 modulation vectors: shift, scale, gate for attention and for MLP).
+  With `dual=True` it is SD3.5-Medium's MMDiT-X image stream: a second, image-only self-attention `attn2` with
+  its own 3 vectors, fed from the same LayerNorm output (Stability `mmditx.py`, `x_block_self_attn`).
+* `PreOnlyBlock`: the text stream of the last block, which only contributes q, k, v (nothing reads its output).
+Names follow the Stability checkpoint: `joint_blocks.{i}.x_block.adaLN_modulation.1`, `...attn.qkv`, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import SelfAttention, attention, merge_heads
+
+if TYPE_CHECKING:  # the dense package is only needed when a layout is given
+    from dense import DenseAttention
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)  # no affine: the modulation plays that role
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]  # (B, L, D) by (B, D) per sample
+
+
+@dataclass(frozen=True)
+class Modulation:
+    """One sub-layer's adaLN-Zero vectors, each (B, D)."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a stream hands to the joint attention, and what it keeps for after it."""
+
+    qkv: tuple[Tensor, Tensor, Tensor]  # each (B, H, L, Dh)
+    mods: tuple[Modulation, ...]  # attention, MLP[, image-only attention]
+    normed: Tensor  # LayerNorm(x), (B, L, D): the dual block feeds it to attn2 too
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class StreamBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, dual: bool = False):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (9 if dual else 6) * dim))
+        self.attn = SelfAttention(dim, num_heads, qk_norm)
+        self.attn2 = SelfAttention(dim, num_heads, qk_norm) if dual else None
+        self.mlp = MLP(dim)
+
+    def pre_attention(self, x: Tensor, vec: Tensor) -> Prepared:
+        chunks = self.adaLN_modulation(vec).chunk(9 if self.attn2 is not None else 6, dim=-1)
+        mods = tuple(Modulation(*chunks[i : i + 3]) for i in range(0, len(chunks), 3))
+        normed = layer_norm(x)
+        return Prepared(self.attn.qkv_heads(modulate(normed, mods[0].shift, mods[0].scale)), mods, normed)
+
+    def post_attention(self, x: Tensor, attn_out: Tensor, prep: Prepared, dense: DenseAttention | None) -> Tensor:
+        """attn_out: this stream's rows of the joint attention output, (B, L, D)."""
+        msa, mlp = prep.mods[0], prep.mods[1]
+        x = x + msa.gate[:, None] * self.attn.proj(attn_out)
+        if self.attn2 is not None:  # MMDiT-X: image-only attention, added after the joint one
+            msa2 = prep.mods[2]
+            q, k, v = self.attn2.qkv_heads(modulate(prep.normed, msa2.shift, msa2.scale))
+            x = x + msa2.gate[:, None] * self.attn2.proj(merge_heads(attention(q, k, v, dense)))
+        return x + mlp.gate[:, None] * self.mlp(modulate(layer_norm(x), mlp.shift, mlp.scale))
+
+
+class PreOnlyBlock(nn.Module):
+    """The last block's text stream: modulation (shift, scale) and q, k, v only."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.attn = SelfAttention(dim, num_heads, qk_norm, has_proj=False)
+
+    def pre_attention(self, c: Tensor, vec: Tensor) -> Prepared:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        normed = layer_norm(c)
+        return Prepared(self.attn.qkv_heads(modulate(normed, shift, scale)), (), normed)
+
+
+class JointBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, dual: bool, last: bool):
+        super().__init__()
+        self.context_block = PreOnlyBlock(dim, num_heads, qk_norm) if last else StreamBlock(dim, num_heads, qk_norm)
+        self.x_block = StreamBlock(dim, num_heads, qk_norm, dual=dual)
+
+    def forward(
+        self, x: Tensor, c: Tensor, vec: Tensor, dense: DenseAttention | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, N, D) image tokens, c (B, S, D) text tokens, vec (B, D) -> updated (x, c); c is None after the last block."""
+        px = self.x_block.pre_attention(x, vec)
+        pc = self.context_block.pre_attention(c, vec)
+        # Image tokens first, then text: diffusers' order, so the softmax sums run in the same order.
+        q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(px.qkv, pc.qkv))  # (B, H, N+S, Dh)
+        out_x, out_c = merge_heads(attention(q, k, v, dense)).split([x.shape[1], c.shape[1]], dim=1)
+        x = self.x_block.post_attention(x, out_x, px, dense)
+        if isinstance(self.context_block, PreOnlyBlock):
+            return x, None
+        return x, self.context_block.post_attention(c, out_c, pc, None)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) on the image tokens, then a linear map to p·p·C values per token."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale))  # (B, N, p*p*C)
