@@ -7,17 +7,23 @@ its parts: tokenizers (`loaders.tokenizers`), encoders (`mmdit.clip`, `mmdit.t5`
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 from torch import Tensor
 
-from mmdit.conditioning import Conditioning
+from mmdit.clip import CLIPOutput
+from mmdit.conditioning import Conditioning, assemble, repeat_for_images
+
+from .safetensors import CheckpointError, read_shapes
+from .text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
+from .tokenizers import ClipTokenizer, T5Tokenizer
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 NEGATIVE_KEYS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
-
-
-def repeat_rows(x: Tensor, n: int) -> Tensor:
-    """(B, ...) -> (B·n, ...) as prompt0 ×n, prompt1 ×n, ... (diffusers' order for num_images_per_prompt)."""
-    return x.repeat_interleave(n, dim=0)
 
 
 def conditioning_from_embeds(
@@ -41,7 +47,7 @@ def conditioning_from_embeds(
                 f"{where}: {context_key} must be (B, L, D) and {pooled_key} (B, P) with the same B; "
                 f"got {tuple(context.shape)} and {tuple(pooled.shape)}"
             )
-        return Conditioning(repeat_rows(context, num_images), repeat_rows(pooled, num_images))
+        return repeat_for_images(Conditioning(context, pooled), num_images)
 
     positive = make(*EMBED_KEYS)
     negative = make(*NEGATIVE_KEYS) if cfg_on else None
@@ -50,3 +56,179 @@ def conditioning_from_embeds(
     ):
         raise ValueError(f"{where}: the negative embeddings' shapes differ from the positive ones")
     return positive, negative
+
+
+@dataclass(frozen=True)
+class EncoderFile:
+    """One text encoder's weights: a diffusers component folder, or a file (with a key prefix when combined)."""
+
+    path: Path
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class TextFiles:
+    """Where a model's tokenizers and text encoders are."""
+
+    clip_l: EncoderFile
+    clip_g: EncoderFile
+    t5: EncoderFile | None
+    tokenizer: Path
+    tokenizer_2: Path
+    tokenizer_3: Path | None
+
+
+def _tokenizer_root(default: Path, override: Path | None, model: Path) -> Path:
+    root = override if override is not None else default
+    missing = [n for n in ("tokenizer", "tokenizer_2") if not (root / n).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"no {' / '.join(missing)} folder in {root} for {model}; pass --tokenizers DIR, a folder holding "
+            "tokenizer/, tokenizer_2/ and tokenizer_3/ (the official repos ship them beside the weights)"
+        )
+    return root
+
+
+def find_text_files(model: Path, *, use_t5: bool = True, tokenizers: Path | None = None) -> TextFiles:
+    """The text side of a diffusers folder, or of a single file (`text_encoders/` beside it, or inside it)."""
+    model = Path(model)
+    if model.is_dir():
+        root = _tokenizer_root(model, tokenizers, model)
+        missing = [n for n in ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if use_t5 else ())
+                   if not (model / n).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{model} lacks {missing}; download them too" +
+                                    (" (or pass --no-t5 to run without T5)" if missing == ["text_encoder_3"] else ""))
+        t5 = EncoderFile(model / "text_encoder_3") if use_t5 else None
+        return TextFiles(EncoderFile(model / "text_encoder"), EncoderFile(model / "text_encoder_2"), t5,
+                         root / "tokenizer", root / "tokenizer_2", root / "tokenizer_3" if use_t5 else None)
+    root = _tokenizer_root(model.parent, tokenizers, model)
+    if read_shapes(model, CLIP_L_PREFIX):  # an "incl_clips" single file: encoders inside it
+        t5 = EncoderFile(model, T5_PREFIX) if use_t5 and read_shapes(model, T5_PREFIX) else None
+        clip_l, clip_g = EncoderFile(model, CLIP_L_PREFIX), EncoderFile(model, CLIP_G_PREFIX)
+    else:
+        folder = model.parent / "text_encoders"
+        clip_l, clip_g = EncoderFile(folder / "clip_l.safetensors"), EncoderFile(folder / "clip_g.safetensors")
+        t5 = None
+        if use_t5:
+            t5 = next((EncoderFile(folder / n) for n in ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors")
+                       if (folder / n).is_file()), EncoderFile(folder / "t5xxl_fp16.safetensors"))
+    missing = [str(f.path) for f in (clip_l, clip_g, t5) if f is not None and not f.path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"text encoders for {model.name} not found: {missing}. Download text_encoders/ from the same repo "
+            "into the folder beside the model file" + (", or pass --no-t5 to run without T5" if use_t5 else "")
+        )
+    if use_t5 and t5 is None:
+        raise FileNotFoundError(f"{model} carries CLIP but no T5; pass --no-t5")
+    return TextFiles(clip_l, clip_g, t5, root / "tokenizer", root / "tokenizer_2", root / "tokenizer_3" if use_t5 else None)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Each encoder's output for one group of texts (rows in the group's order)."""
+
+    clip_l: CLIPOutput
+    clip_g: CLIPOutput
+    t5: Tensor | None
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token ids of the positive prompt, for DenseDiffusion's phrase matching, with the tokenizers that made them."""
+
+    clip: list[int]  # 77 CLIP-L ids (CLIP-G shares the BPE; only its pad differs)
+    t5: list[int] | None
+    clip_tokenizer: ClipTokenizer
+    t5_tokenizer: T5Tokenizer | None
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    positive: Conditioning
+    negative: Conditioning | None
+    tokens: PromptTokens
+    truncated: list[str]  # one message per cut prompt, for the CLI to show
+    phrases: Encoded | None = None  # the extra texts' encodings, when asked for
+
+
+def _free(module) -> None:
+    del module
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def encode_texts(
+    files: TextFiles,
+    groups: Sequence[Sequence[str]],
+    *,
+    max_sequence_length: int = 256,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[list[Encoded], list[str], PromptTokens]:
+    """Run every group of texts through CLIP-L, CLIP-G and T5, one encoder in memory at a time.
+
+    Each group is one encoder call, as diffusers encodes the prompts and the negative prompts separately.
+    Returns the encodings per group, the truncation messages of group 0, and group 0's first prompt's ids.
+    """
+    notes: list[str] = []
+    outputs: dict[str, list] = {}
+    tok_l, tok_g = ClipTokenizer.from_folder(files.tokenizer), ClipTokenizer.from_folder(files.tokenizer_2)
+    tok_t5 = T5Tokenizer.from_folder(files.tokenizer_3) if files.t5 is not None else None
+    first_ids: dict[str, list[int]] = {}
+    stages = [("CLIP-L", tok_l, 77, files.clip_l, "quick_gelu"), ("CLIP-G", tok_g, 77, files.clip_g, "gelu")]
+    if files.t5 is not None:
+        stages.append(("T5", tok_t5, max_sequence_length, files.t5, None))
+    for name, tokenizer, length, where, activation in stages:
+        tokens = [tokenizer.encode(list(texts), length) for texts in groups]
+        for text, cut in zip(groups[0], tokens[0].truncated):
+            if cut:
+                notes.append(f"{name} keeps {length} tokens: the end of the prompt {text!r} was cut: {cut!r}")
+        first_ids[name] = tokens[0].ids[0].tolist()
+        if activation is None:
+            encoder = load_t5(where.path, prefix=where.prefix, dtype=dtype, device=device)
+        else:
+            encoder = load_clip(where.path, prefix=where.prefix, activation=activation, dtype=dtype, device=device)
+        with torch.inference_mode():
+            outputs[name] = [encoder(t.ids.to(device)) for t in tokens]
+        _free(encoder)
+    encoded = [
+        Encoded(outputs["CLIP-L"][i], outputs["CLIP-G"][i], outputs["T5"][i] if "T5" in outputs else None)
+        for i in range(len(groups))
+    ]
+    ids = PromptTokens(first_ids["CLIP-L"], first_ids.get("T5"), tok_l, tok_t5)
+    return encoded, notes, ids
+
+
+def encode_prompts(
+    files: TextFiles,
+    prompts: list[str],
+    negative_prompts: list[str] | None,
+    *,
+    num_images: int = 1,
+    max_sequence_length: int = 256,
+    context_dim: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    extra_texts: list[str] | None = None,
+) -> EncodedPrompts:
+    """diffusers' `encode_prompt`: positive (and negative, for CFG) conditioning, each prompt `num_images` times.
+
+    `negative_prompts` None means CFG is off (no negative is encoded). `extra_texts` (DenseDiffusion's phrases)
+    are encoded alone, in their own call, with the same settings.
+    """
+    groups = [prompts] + ([negative_prompts] if negative_prompts is not None else [])
+    if extra_texts:
+        groups.append(extra_texts)
+    encoded, notes, ids = encode_texts(files, groups, max_sequence_length=max_sequence_length, dtype=dtype,
+                                       device=device)
+    length = max_sequence_length
+
+    def conditioning(e: Encoded) -> Conditioning:
+        c = assemble(e.clip_l, e.clip_g, e.t5, t5_length=length, context_dim=context_dim)
+        return repeat_for_images(c, num_images)
+
+    positive = conditioning(encoded[0])
+    negative = conditioning(encoded[1]) if negative_prompts is not None else None
+    return EncodedPrompts(positive, negative, ids, notes, encoded[-1] if extra_texts else None)

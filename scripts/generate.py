@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -115,9 +114,12 @@ def run(args: argparse.Namespace, say) -> int:
     checkpoint = locate(source.diffusion)
     config = transformer_config(checkpoint)
     name = variant(checkpoint, config)
-    default_size = 128 if source.builtin else 1024
+    if source.builtin:
+        from loaders.builtin import PRESET as preset, SIZE as default_size
+    else:
+        preset, default_size = PRESETS[name], 1024
     settings = Settings.from_preset(
-        PRESETS[name], steps=args.steps, cfg=args.cfg, shift=args.shift, seed=args.seed,
+        preset, steps=args.steps, cfg=args.cfg, shift=args.shift, seed=args.seed,
         height=args.height or default_size, width=args.width or default_size, slg_layers=args.slg_layers,
         slg_scale=args.slg_scale, slg_start=args.slg_start, slg_stop=args.slg_stop,
     )
@@ -158,24 +160,17 @@ def run(args: argparse.Namespace, say) -> int:
         positive, negative = conditioning_from_embeds(embeds, settings.guidance.cfg_on, args.num_images,
                                                       where=str(args.prompt_embeds))
     else:
-        from loaders.text import encode_prompts
+        from loaders.text import encode_prompts, find_text_files
 
+        files = find_text_files(source.diffusion, use_t5=not args.no_t5, tokenizers=args.tokenizers)
         encoded = encode_prompts(
-            source, [args.prompt], [args.negative_prompt] if settings.guidance.cfg_on else None,
-            num_images=args.num_images, max_sequence_length=args.max_sequence_length, use_t5=not args.no_t5,
-            context_dim=config.context_dim, dtype=dtype, device=device, layout=layout,
+            files, [args.prompt], [args.negative_prompt] if settings.guidance.cfg_on else None,
+            num_images=args.num_images, max_sequence_length=args.max_sequence_length,
+            context_dim=config.context_dim, dtype=dtype, device=device,
         )
         for note in encoded.truncated:
-            warnings.warn(note)
             say(f"warning: {note}")
         positive, negative = encoded.positive, encoded.negative
-        if layout is not None or args.attention_maps:
-            from dense import DensePlan
-
-            plan = DensePlan.build(
-                layout, encoded.tokens, settings=settings, grid=(settings.height // 16, settings.width // 16),
-                strength=args.dense_strength, preset=args.dense_preset, record_maps=args.attention_maps is not None,
-            )
 
     # Stage 2: the MM-DiT.
     model = load_transformer(checkpoint, dtype=dtype, device=device)

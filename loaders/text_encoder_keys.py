@@ -1,0 +1,277 @@
+"""The three SD3 text encoders from the official files: key maps, config.json, and loading.
+
+Layouts accepted (sd3-diffusers-numerics.md §6.1-6.2, §7.3; sd3-reference-and-comfyui.md §1.5, §5.3):
+* diffusers folders: `text_encoder/` (CLIP-L), `text_encoder_2/` (CLIP-G), both transformers
+  `CLIPTextModelWithProjection` (`text_model.*` + `text_projection.weight`), and `text_encoder_3/`
+  (`T5EncoderModel`, usually sharded with an index), each with a `config.json`;
+* Stability's standalone `text_encoders/clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors`,
+  `t5xxl_fp8_e4m3fn.safetensors` (the same transformers names, no prefix);
+* the encoders inside combined checkpoints (`sd3_medium_incl_clips*.safetensors`), under the prefixes
+  `CLIP_L_PREFIX`, `CLIP_G_PREFIX`, `T5_PREFIX`.
+
+All of them use transformers' names, which are our module names, so the key maps are small:
+* CLIP: the `text_model.embeddings.position_ids` buffer of older files is dropped; keys of transformers >= 5.6's
+  flattened `CLIPTextModel` (no `text_model.` prefix) get the prefix back.
+* CLIP-L's projection: SD3 defines it as the identity. Stability's clip_l file has no `text_projection.weight`,
+  the Stability reference and ComfyUI use the un-projected pooled vector, and diffusers' single-file loader
+  sets eye(768) for the CLIP-L of a combined checkpoint whatever the file holds. So for CLIP-L from Stability
+  files (standalone or combined) the projection is eye(width): inserted when absent, and replacing a stored
+  one (a clip_l.safetensors from elsewhere may carry OpenAI's projection, which SD3 never applies). A diffusers
+  `text_encoder/` folder's stored projection is used as is: it is what diffusers applies. CLIP-G always
+  needs its own; a CLIP-G file without one is an error.
+* T5: the embedding is `shared.weight` and/or its tied copy `encoder.embed_tokens.weight`; whichever exists
+  becomes `shared.weight` (`shared` wins when both do). A full T5's decoder and LM head are dropped.
+float8 files (`t5xxl_fp8_e4m3fn`) need nothing special: `load_weights` upcasts float8 tensors to the dtype asked
+for (float8 -> float16/32 is exact).
+
+float16 T5: like transformers' `from_pretrained(torch_dtype=float16)` (`_keep_in_fp32_modules = ["wo"]`), the
+feed-forward output weights `wo` stay float32 (2 GB more for T5-XXL); see mmdit/t5.py for why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mmdit.clip import CLIPConfig, CLIPTextModel
+from mmdit.t5 import T5Config, T5Encoder
+
+from .safetensors import CheckpointError, load_weights, read_shapes, read_tensors, weight_files
+
+CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+COMBINED_PREFIXES = {"CLIP-L": CLIP_L_PREFIX, "CLIP-G": CLIP_G_PREFIX, "T5": T5_PREFIX}
+
+_CLIP_FLAT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")  # transformers >= 5.6 CLIPTextModel
+_T5_UNUSED = ("decoder.", "lm_head.")  # parts of a full encoder-decoder T5
+
+
+# ----------------------------------------------------------------------------------------- config.json
+
+
+@dataclass(frozen=True)
+class TextEncoderJson:
+    """What a transformers config.json says that the weights cannot (None: not stated)."""
+
+    num_heads: int | None = None  # CLIP num_attention_heads / T5 num_heads
+    activation: str | None = None  # CLIP hidden_act / T5 feed_forward_proj
+    eos_token_id: int | None = None  # CLIP: decides the pooling rule (see CLIPConfig.eos_token_id)
+    max_distance: int | None = None  # T5 relative_attention_max_distance
+    eps: float | None = None  # CLIP layer_norm_eps / T5 layer_norm_epsilon
+
+
+def read_text_encoder_json(path: str | Path) -> TextEncoderJson:
+    """Read a `config.json` (or the one inside the folder `path`) of a CLIP or T5 text encoder."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        cfg = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+
+    def first(*names: str):
+        return next((cfg[n] for n in names if cfg.get(n) is not None), None)
+
+    return TextEncoderJson(
+        num_heads=first("num_attention_heads", "num_heads"),
+        activation=first("hidden_act", "feed_forward_proj"),
+        eos_token_id=first("eos_token_id"),
+        max_distance=first("relative_attention_max_distance"),
+        eps=first("layer_norm_eps", "layer_norm_epsilon"),
+    )
+
+
+def clip_pooling_rule(eos_token_id: int | None) -> int | None:
+    """CLIPConfig.eos_token_id from a config.json's eos_token_id, as transformers reads it.
+
+    transformers pools at argmax(ids) when the config says 2 (a legacy value that SD3's configs carry), else
+    at the first occurrence of the id. No config.json: SD3's rule, argmax.
+    """
+    return None if eos_token_id in (None, 2) else eos_token_id
+
+
+# ------------------------------------------------------------------------------------------- key maps
+
+
+def clip_state_dict(raw: Mapping[str, Tensor], *, identity_projection: bool) -> dict[str, Tensor]:
+    """Official CLIP text-encoder tensors -> `mmdit.clip.CLIPTextModel` state dict (tensors or meta tensors).
+
+    `identity_projection`: the projection is eye(width) (SD3's CLIP-L from Stability files; see the module
+    docstring): inserted when `text_projection.weight` is missing, replacing it when present. Otherwise a
+    missing projection is an error.
+    """
+    if any("transformer.resblocks." in k for k in raw) or "text_projection" in raw:
+        raise CheckpointError(
+            "this CLIP file is in the open_clip layout (transformer.resblocks.*, fused in_proj); "
+            "use the transformers-format clip_g.safetensors / text_encoder_2 of the SD3 release"
+        )
+    flat = not any(k.startswith("text_model.") for k in raw)
+    sd: dict[str, Tensor] = {}
+    for key, t in raw.items():
+        if flat and key.startswith(_CLIP_FLAT_ROOTS):
+            key = "text_model." + key
+        if key == "text_model.embeddings.position_ids":  # a buffer of old files; positions are made in forward
+            continue
+        sd[key] = t
+    emb = sd.get("text_model.embeddings.token_embedding.weight")
+    if identity_projection and emb is not None:
+        # float32 whatever the file holds (float8 has no eye); load_weights casts it with the rest.
+        sd["text_projection.weight"] = torch.eye(emb.shape[1], dtype=torch.float32, device=emb.device)
+    elif "text_projection.weight" not in sd:
+        raise CheckpointError(
+            "this CLIP file has no text_projection.weight; only SD3's CLIP-L may lack it (its projection "
+            "is the identity), CLIP-G needs its own"
+        )
+    return sd
+
+
+def t5_state_dict(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official T5 encoder tensors -> `mmdit.t5.T5Encoder` state dict (tensors or meta tensors)."""
+    if any(k.endswith(("scale_weight", "scaled_fp8")) for k in raw):
+        raise CheckpointError(
+            "this T5 file is a scaled-float8 variant (per-tensor scale_weight); it is not supported: "
+            "use t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors"
+        )
+    if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in raw:
+        raise CheckpointError("this is a T5 v1.0 (ReLU) encoder; SD3 uses T5 v1.1 (gated GELU, wi_0/wi_1)")
+    sd = {k: t for k, t in raw.items() if not k.startswith(_T5_UNUSED)}
+    tied = sd.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in sd and tied is not None:
+        sd["shared.weight"] = tied
+    return sd
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def _sources(files: str | Path | Sequence[str | Path]) -> tuple[list[Path], TextEncoderJson | None]:
+    """Weight files, and config.json values for a component folder (None: Stability file(s), not a folder)."""
+    if isinstance(files, (str, Path)):
+        path = Path(files).expanduser()
+        if path.is_dir():
+            config = read_text_encoder_json(path) if (path / "config.json").is_file() else TextEncoderJson()
+            return weight_files(path), config
+        return [path], None
+    return [Path(f).expanduser() for f in files], None
+
+
+def _describe(paths: list[Path], prefix: str) -> str:
+    where = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} shards)"
+    return where + (f" [{prefix}*]" if prefix else "")
+
+
+def _check_found(
+    shapes: Mapping[str, tuple[int, ...]], markers: tuple[str, ...], paths: list[Path], prefix: str, what: str
+) -> None:
+    """A clear error when the tensors we need are not under `prefix` (wrong file, or a combined file)."""
+    if any(m in shapes for m in markers):
+        return
+    inside = {name: p for name, p in COMBINED_PREFIXES.items() if read_shapes(paths, p)} if not prefix else {}
+    hint = "; it is a combined checkpoint: pass prefix=" + " or ".join(f"{p!r} ({n})" for n, p in inside.items())
+    raise CheckpointError(
+        f"{_describe(paths, prefix)}: no {what} tensors (no {markers[0]!r}){hint if inside else ''}"
+    )
+
+
+def load_clip(
+    files: str | Path | Sequence[str | Path],
+    *,
+    activation: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+    prefix: str = "",
+) -> CLIPTextModel:
+    """A CLIP text encoder in `dtype` on `device`.
+
+    `files`: a diffusers component folder (`text_encoder/`, `text_encoder_2/`), a single file, or shards;
+    `prefix`: CLIP_L_PREFIX / CLIP_G_PREFIX for a combined checkpoint. `activation`: "quick_gelu" for CLIP-L,
+    "gelu" for CLIP-G (checked against config.json when there is one). The "quick_gelu" tower is taken to be
+    SD3's CLIP-L: loaded from Stability files (not a folder) its projection is the identity (module docstring).
+    Heads: `num_heads`, else config.json, else width // 64. Pooling rule: config.json's eos_token_id (see
+    `clip_pooling_rule`), else argmax.
+    """
+    paths, folder_config = _sources(files)
+    config = folder_config or TextEncoderJson()
+    what = f"CLIP text encoder from {_describe(paths, prefix)}"
+    if config.activation is not None and config.activation != activation:
+        raise CheckpointError(
+            f"{what}: config.json says hidden_act={config.activation!r} but activation={activation!r} was asked "
+            "for; CLIP-L (text_encoder/) is 'quick_gelu', CLIP-G (text_encoder_2/) is 'gelu'"
+        )
+    if num_heads is not None and config.num_heads is not None and num_heads != config.num_heads:
+        raise CheckpointError(f"{what}: num_heads={num_heads} but config.json says {config.num_heads}")
+    markers = ("text_model.encoder.layers.0.mlp.fc1.weight", "encoder.layers.0.mlp.fc1.weight")
+    _check_found(read_shapes(paths, prefix), markers, paths, prefix, "CLIP text-model")
+    raw = read_tensors(paths, prefix, device=device)
+    state = clip_state_dict(raw, identity_projection=activation == "quick_gelu" and folder_config is None)
+    try:
+        cfg = CLIPConfig.from_state_dict(
+            state,
+            activation=activation,
+            num_heads=num_heads if num_heads is not None else config.num_heads,
+            eos_token_id=clip_pooling_rule(config.eos_token_id),
+        )
+        if config.eps is not None:
+            cfg = replace(cfg, eps=config.eps)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg)
+    return load_weights(model, state, what=what, dtype=dtype, device=device)
+
+
+def t5_fp32_keys(dtype: torch.dtype) -> Callable[[str], bool] | None:
+    """Which keys stay float32 when loading T5 in `dtype`: `wo` for float16 (transformers' rule), else none."""
+    if dtype != torch.float16:
+        return None
+    return lambda key: key.endswith(".DenseReluDense.wo.weight")
+
+
+def load_t5(
+    files: str | Path | Sequence[str | Path],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+    prefix: str = "",
+) -> T5Encoder:
+    """The T5 v1.1 encoder in `dtype` on `device` (float16: `wo` kept float32, as transformers does).
+
+    `files`: a diffusers folder (`text_encoder_3/`, sharded or not), a single file (t5xxl_fp16 / fp8_e4m3fn),
+    or shards; `prefix`: T5_PREFIX for a combined checkpoint. The head count comes from the weights (the
+    relative-attention table); `num_heads` and config.json are only checked against it.
+    """
+    paths, config = _sources(files)
+    config = config or TextEncoderJson()
+    what = f"T5 encoder from {_describe(paths, prefix)}"
+    if config.activation is not None and config.activation != "gated-gelu":
+        raise CheckpointError(
+            f"{what}: config.json says feed_forward_proj={config.activation!r}; SD3's T5 is 'gated-gelu'"
+        )
+    markers = ("encoder.block.0.layer.0.SelfAttention.q.weight",)
+    _check_found(read_shapes(paths, prefix), markers, paths, prefix, "T5 encoder")
+    state = t5_state_dict(read_tensors(paths, prefix, device=device))
+    try:
+        cfg = T5Config.from_state_dict(
+            state,
+            num_heads if num_heads is not None else config.num_heads,
+            max_distance=config.max_distance if config.max_distance is not None else 128,
+        )
+        if config.eps is not None:
+            cfg = replace(cfg, eps=config.eps)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    with torch.device("meta"):
+        model = T5Encoder(cfg)
+    return load_weights(model, state, what=what, dtype=dtype, device=device, fp32_keys=t5_fp32_keys(dtype))
