@@ -76,3 +76,62 @@ def write_single_file(path, transformer_sd: dict, vae_sd: dict, extra: dict | No
     tensors.update({f"first_stage_model.{k}": v for k, v in vae_from_diffusers(vae_sd).items()})
     tensors.update(extra or {})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def tiny_text_pipeline(root):
+    """A tiny StableDiffusion3Pipeline with all three text encoders, saved in both official layouts.
+
+    root/diffusers: `save_pretrained`. root/single: model.safetensors (MM-DiT + VAE), text_encoders/ and the
+    tokenizer folders beside it, as Stability's SD3.5 repos ship them. Returns the in-memory pipeline.
+    Tokenizers are the project's built-in ones (offline); the reference loads them with transformers.
+    """
+    import shutil
+    from pathlib import Path
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import T5TokenizerFast
+
+    from loaders.builtin_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE, write_builtin_tokenizers
+
+    root = Path(root)
+    toks = root / "tokenizers"
+    write_builtin_tokenizers(toks)
+
+    def clip(width, heads, act, seed):
+        torch.manual_seed(seed)
+        cfg = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width,
+                             num_hidden_layers=3, num_attention_heads=heads, max_position_embeddings=77,
+                             hidden_act=act, projection_dim=width, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        return randomize_(CLIPTextModelWithProjection(cfg), seed)
+
+    clip_l, clip_g = clip(64, 1, "quick_gelu", 11), clip(128, 2, "gelu", 12)
+    with torch.no_grad():  # SD3's CLIP-L projection is the identity (spec §6.1)
+        clip_l.text_projection.weight.copy_(torch.eye(64))
+    torch.manual_seed(13)
+    t5 = randomize_(T5EncoderModel(T5Config(vocab_size=T5_VOCAB_SIZE, d_model=256, d_kv=64, d_ff=128, num_layers=2,
+                                            num_heads=4, relative_attention_num_buckets=32,
+                                            relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                                            dropout_rate=0.0)), 13)
+    transformer = diffusers_transformer("sd3.5-medium", joint_attention_dim=256, pooled_projection_dim=64 + 128)
+    vae = diffusers_vae()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip_l, tokenizer=CLIPTokenizer.from_pretrained(toks / "tokenizer"),
+        text_encoder_2=clip_g, tokenizer_2=CLIPTokenizer.from_pretrained(toks / "tokenizer_2"),
+        text_encoder_3=t5, tokenizer_3=T5TokenizerFast.from_pretrained(toks / "tokenizer_3"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(root / "diffusers")
+    single = root / "single"
+    (single / "text_encoders").mkdir(parents=True)
+    write_single_file(single / "model.safetensors", transformer.state_dict(), vae.state_dict())
+    l_sd = {k: v for k, v in clip_l.state_dict().items() if k != "text_projection.weight"}  # as Stability ships it
+    save_file({k: v.contiguous() for k, v in l_sd.items()}, str(single / "text_encoders" / "clip_l.safetensors"))
+    save_file({k: v.contiguous() for k, v in clip_g.state_dict().items()}, str(single / "text_encoders" / "clip_g.safetensors"))
+    t5_sd = {k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(t5_sd, str(single / "text_encoders" / "t5xxl_fp16.safetensors"))
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.copytree(toks / name, single / name)
+    return pipe
