@@ -4,7 +4,8 @@ How the pieces fit, for one generation (the pipeline / CLI does the tokenizing a
 
 1. `read_layout(path)` and `layout_prompt(layout, prompt)`: the validated layout and the prompt.
 2. `region_masks(layout, H, W)` then `assign_tokens(masks, phrases)`: image tokens -> regions.
-3. per region, `match_phrase(prompt CLIP ids, phrase bare CLIP ids, prompt T5 ids, phrase bare T5 ids)`.
+3. per region, `match_phrase(prompt CLIP ids, phrase bare CLIP ids, prompt T5 ids, phrase bare T5 ids,
+   name=region_name(i, phrase))`.
 4. `replace_phrase_embeddings(positive context, phrase encodings, matches)` (on by default).
 5. `DensePlan.build(...)`, then per model call `plan.for_call(step, positive)` -> `DenseAttention | None`,
    passed to the transformer as `dense=`; the attention calls `modulate` and `record` on it.
@@ -14,7 +15,7 @@ How the pieces fit, for one generation (the pipeline / CLI does the tokenizing a
 from __future__ import annotations
 
 from dense.layout import (MAX_REGIONS, Layout, LayoutError, Region, box_mask, layout_prompt, parse_layout,
-                          read_layout, read_mask, region_masks, resize_nearest)
+                          read_layout, read_mask, region_masks, region_name, resize_nearest)
 from dense.maps import AttentionMaps, map_to_image
 from dense.modulation import PRESETS, DenseAttention, DenseConfig, DensePlan, TokenTables, build_tables
 from dense.phrases import PhraseEncoding, replace_phrase_embeddings
@@ -24,7 +25,7 @@ from dense.tokens import (CELL, CLIP_TOKENS, PhraseMatch, RegionTokens, assign_t
 
 __all__ = [
     "MAX_REGIONS", "Layout", "LayoutError", "Region", "box_mask", "layout_prompt", "parse_layout", "read_layout",
-    "read_mask", "region_masks", "resize_nearest",
+    "read_mask", "region_masks", "region_name", "resize_nearest",
     "AttentionMaps", "map_to_image",
     "PRESETS", "DenseAttention", "DenseConfig", "DensePlan", "TokenTables", "build_tables",
     "PhraseEncoding", "replace_phrase_embeddings",

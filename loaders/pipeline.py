@@ -58,7 +58,9 @@ def denoiser(model: MMDiT, dense: DensePlan | None = None) -> Denoiser:
     """The MM-DiT as the sampler calls it; with a layout, each call gets its DenseDiffusion attention."""
 
     def denoise(x: Tensor, t: Tensor, cond: Conditioning, call: ModelCall) -> Tensor:
-        attention = dense.for_call(call.step, call.positive) if dense is not None else None
+        attention = None
+        if dense is not None:
+            attention = dense.for_call(call.step, call.positive, skip_layers=call.skip_layers)
         return model(x, t, cond.context, cond.pooled, skip_layers=call.skip_layers, dense=attention)
 
     return denoise

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     smp.add_argument("--slg-stop", type=float)
     lay = p.add_argument_group("layout control (DenseDiffusion)")
     lay.add_argument("--layout", type=Path, help="layout JSON: a phrase per region (mask or box)")
-    lay.add_argument("--dense-strength", type=float, default=1.0)
+    lay.add_argument("--dense-strength", type=float, default=1.0, help="modulation strength (0: off, maps still recorded)")
     lay.add_argument("--dense-preset", choices=["faithful", "joint", "hard"], default="faithful")
     lay.add_argument("--attention-maps", type=Path, help="write per-phrase attention maps and stats.json here")
     run = p.add_argument_group("run and output")
@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--num-images must be at least 1")
     if not 1 <= args.max_sequence_length <= 512:
         p.error("--max-sequence-length must be between 1 and 512")
+    if args.dense_strength < 0:
+        p.error("--dense-strength must be >= 0")
     if args.layout and args.prompt_embeds:
         p.error("--layout needs the prompt text (--prompt), not --prompt-embeds")
     return args
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, say) -> int:
     from loaders.checkpoint import load_transformer, load_vae, locate, transformer_config, variant
     from loaders.hub import resolve_model
+    from loaders.layout import layout_record, save_attention_maps
     from loaders.pipeline import Settings, decode_images, generate_latents
     from loaders.pngmeta import save_png
     from loaders.safetensors import read_tensors
@@ -129,12 +132,13 @@ def run(args: argparse.Namespace, say) -> int:
                          "choose others with --slg-layers, or --slg-layers '' for none")
     layout = None
     if args.layout:
-        from dense import read_layout
+        from dense import layout_prompt, read_layout
 
-        layout = read_layout(args.layout, height=settings.height, width=settings.width)
-        if args.prompt is None:
-            args.prompt = layout.prompt
-        layout.check_prompt(args.prompt)
+        layout = read_layout(args.layout)
+        args.prompt = layout_prompt(layout, args.prompt)
+    elif args.attention_maps:
+        raise ValueError("--attention-maps needs a --layout (its regions and phrases are what is measured); "
+                         "for a baseline without modulation add --dense-strength 0")
 
     # Check every output path before any heavy work, so nothing the user has is lost.
     embeds = read_tensors(args.prompt_embeds) if args.prompt_embeds is not None else None
@@ -163,14 +167,29 @@ def run(args: argparse.Namespace, say) -> int:
         from loaders.text import encode_prompts, find_text_files
 
         files = find_text_files(source.diffusion, use_t5=not args.no_t5, tokenizers=args.tokenizers)
+        match = None
+        if layout is not None:  # every layout problem is found here, before any encoder is loaded
+            from loaders.layout import match_layout
+
+            match = match_layout(layout, args.prompt, files, height=settings.height, width=settings.width,
+                                 max_sequence_length=args.max_sequence_length)
         encoded = encode_prompts(
             files, [args.prompt], [args.negative_prompt] if settings.guidance.cfg_on else None,
             num_images=args.num_images, max_sequence_length=args.max_sequence_length,
             context_dim=config.context_dim, dtype=dtype, device=device,
+            extra_texts=match.texts_to_encode if match is not None and args.dense_strength > 0 else None,
         )
         for note in encoded.truncated:
             say(f"warning: {note}")
         positive, negative = encoded.positive, encoded.negative
+        if match is not None:
+            from loaders.layout import plan_layout
+
+            positive, plan = plan_layout(
+                match, encoded, steps=settings.steps, shift=settings.shift, strength=args.dense_strength,
+                preset=args.dense_preset, record_maps=args.attention_maps is not None,
+                max_sequence_length=args.max_sequence_length, device=device,
+            )
 
     # Stage 2: the MM-DiT.
     model = load_transformer(checkpoint, dtype=dtype, device=device)
@@ -198,16 +217,14 @@ def run(args: argparse.Namespace, say) -> int:
         "model": source.label, "variant": name, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
         "prompt_embeds": str(args.prompt_embeds) if args.prompt_embeds else None, **settings.to_dict(),
         "dtype": args.dtype, "max_sequence_length": args.max_sequence_length, "t5": not args.no_t5,
-        "num_images": count, "layout": layout.to_json() if layout is not None else None,
+        "num_images": count, "layout": layout_record(layout) if layout is not None else None,
         "dense_strength": args.dense_strength if layout is not None else None,
         "dense_preset": args.dense_preset if layout is not None else None,
     }
     for i, path in enumerate(outputs):
         save_png(path, images[i].numpy(), {**record, "image_index": i})
-    if plan is not None and args.attention_maps:
-        from loaders.pngmeta import save_attention_maps
-
-        save_attention_maps(args.attention_maps, plan, (settings.height, settings.width))
+    if plan is not None and plan.maps is not None:
+        save_attention_maps(args.attention_maps, plan.maps, (settings.height, settings.width))
     say(f"{settings.steps / elapsed:.2f} steps/s; wrote {', '.join(map(str, outputs))}")
     return 0
 

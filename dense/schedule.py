@@ -1,0 +1,36 @@
+"""When and how strongly the layout acts during sampling (dense-spec.md §5, "Schedule").
+
+DenseDiffusion modulates only the first 30% of the steps, with a weight (t/1000)^5 that starts near 1
+and decays fast: the layout matters while the composition forms and is released for the details. SD3's
+flow-matching sigmas are shifted (σ = a·u / (1 + (a−1)·u)) toward 1, which would keep the weight high for
+too long, so the weight uses the sigma before the shift, u = σ / (a − (a−1)·σ) ≈ 1 − k/K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def active_steps(num_steps: int, fraction: float = 0.3) -> int:
+    """How many leading steps are modulated: Python's round(fraction·K) (3 of 10, 8 of 28, 15 of 50)."""
+    return round(fraction * num_steps)
+
+
+def unshifted_sigma(sigma: float, shift: float) -> float:
+    """Undo the scheduler's time shift: u = σ / (a − (a−1)·σ)."""
+    return sigma / (shift - (shift - 1.0) * sigma)
+
+
+def step_lambdas(
+    sigmas: Sequence[float], num_steps: int, *, shift: float, strength: float = 1.0, power: float = 5.0,
+    fraction: float = 0.3,
+) -> tuple[float, ...]:
+    """λ_k = strength · u_k^p for the active steps k < round(fraction·K); steps past the end are inactive.
+
+    `sigmas` are the sampler's sigmas, σ_k being the one at which step k calls the model (a trailing 0 is
+    fine: only the first `num_steps` entries are read).
+    """
+    if len(sigmas) < num_steps:
+        raise ValueError(f"need a sigma for each of the {num_steps} steps, got {len(sigmas)}")
+    n = active_steps(num_steps, fraction)
+    return tuple(strength * unshifted_sigma(float(sigmas[k]), shift) ** power for k in range(n))

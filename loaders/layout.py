@@ -1,0 +1,126 @@
+"""A DenseDiffusion layout put to work in one generation (dense-spec.md §1-§4, §7).
+
+`dense` holds the pure pieces (layout checks, token assignment, phrase matching, the modulation); this module
+feeds them what only a loaded model has: the tokenizers' ids, the encoders' phrase encodings, the schedule.
+Order matters for the user: everything that can be wrong with a layout is found by `match_layout`, before any
+encoder or transformer is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dense import (PRESETS, AttentionMaps, DensePlan, Layout, PhraseEncoding, PhraseMatch, RegionTokens,
+                   assign_tokens, map_to_image, match_phrase, region_masks, replace_phrase_embeddings)
+from dense.layout import region_name
+from mmdit.conditioning import Conditioning
+from samplers import sigmas
+
+from .text import EncodedPrompts, TextFiles
+from .tokenizers import ClipTokenizer, T5Tokenizer
+
+CLIP_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class LayoutMatch:
+    """Where each region is among the image tokens and where its phrase is among the text tokens."""
+
+    layout: Layout
+    regions: RegionTokens
+    phrases: list[str]
+    matches: list[PhraseMatch]
+
+    @property
+    def texts_to_encode(self) -> list[str]:
+        """The non-empty phrases, each encoded alone for the embedding replacement (spec §4)."""
+        return [p for p in self.phrases if p]
+
+
+def match_layout(layout: Layout, prompt: str, files: TextFiles, *, height: int, width: int,
+                 max_sequence_length: int) -> LayoutMatch:
+    phrases = [r.phrase for r in layout.regions]
+    regions = assign_tokens(region_masks(layout, height, width), phrases)
+    clip = ClipTokenizer.from_folder(files.tokenizer)  # CLIP-G shares the BPE; CLIP-L pads with EOS
+    t5 = T5Tokenizer.from_folder(files.tokenizer_3) if files.tokenizer_3 is not None else None
+    prompt_clip = clip.encode([prompt], CLIP_TOKENS).ids[0].tolist()
+    prompt_t5 = t5.encode([prompt], max_sequence_length).ids[0].tolist() if t5 is not None else None
+    matches = [
+        match_phrase(
+            prompt_clip, clip.encode_ids(phrase), prompt_t5, t5.encode_ids(phrase) if t5 is not None else None,
+            name=region_name(i, phrase),
+            describe_clip=lambda ids: [clip.id_to_token(i) for i in ids],
+            describe_t5=(lambda ids: [t5.id_to_token(i) for i in ids]) if t5 is not None else None,
+        )
+        for i, phrase in enumerate(phrases)
+    ]
+    return LayoutMatch(layout, regions, phrases, matches)
+
+
+def plan_layout(
+    match: LayoutMatch,
+    encoded: EncodedPrompts,
+    *,
+    steps: int,
+    shift: float,
+    strength: float,
+    preset: str,
+    record_maps: bool,
+    max_sequence_length: int,
+    device: torch.device | str,
+) -> tuple[Conditioning, DensePlan | None]:
+    """The positive conditioning with the phrase rows replaced, and the plan for the attention.
+
+    Strength 0 without maps returns the conditioning untouched and no plan: the plain path, bit for bit
+    (spec §6). Strength 0 with maps records through the explicit attention without modulating.
+    """
+    positive = encoded.positive
+    if strength > 0 and encoded.phrases is not None:
+        rows = iter(range(len(match.texts_to_encode)))
+        e = encoded.phrases
+        encodings = []
+        for phrase in match.phrases:
+            if not phrase:
+                encodings.append(None)
+                continue
+            k = next(rows)
+            encodings.append(PhraseEncoding(e.clip_l.penultimate[k : k + 1], e.clip_g.penultimate[k : k + 1],
+                                            e.t5[k : k + 1] if e.t5 is not None else None))
+        positive = Conditioning(replace_phrase_embeddings(positive.context, encodings, match.matches), positive.pooled)
+    if strength == 0 and not record_maps:
+        return positive, None
+    plan = DensePlan.build(
+        match.regions, match.matches, match.phrases, n_txt=CLIP_TOKENS + max_sequence_length,
+        sigmas=sigmas(steps, shift).tolist(), num_steps=steps, shift=shift, config=PRESETS[preset],
+        strength=strength, record_maps=record_maps, device=device,
+    )
+    return positive, plan
+
+
+def save_attention_maps(folder: Path, maps: AttentionMaps, size: tuple[int, int]) -> list[Path]:
+    """`region_<n>.png` per recorded region and `stats.json` (spec §7). Returns the files written."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, attention in maps.region_maps().items():
+        path = folder / f"region_{n}.png"
+        Image.fromarray(map_to_image(attention, *size)).save(path)
+        written.append(path)
+    stats = folder / "stats.json"
+    stats.write_text(json.dumps(maps.to_stats(), indent=2))
+    return written + [stats]
+
+
+def layout_record(layout: Layout) -> dict:
+    """The layout as JSON data for the PNG metadata (masks by their file path)."""
+    regions = []
+    for r in layout.regions:
+        entry = {"phrase": r.phrase}
+        entry.update({"box": list(r.box)} if r.box is not None else {"mask": str(r.mask_path)})
+        regions.append(entry)
+    return {"prompt": layout.prompt, "regions": regions, "file": str(layout.path) if layout.path else None}
