@@ -1,0 +1,127 @@
+"""DenseDiffusion inside the real attention: exactness guarantees (spec §6) and its effect (spec §7)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dense import DenseAttention, DensePlan, PRESETS, assign_tokens, box_mask
+from dense.tokens import PhraseMatch
+from loaders.pngmeta import read_png_metadata
+from mmdit.attention import attention
+from scripts.generate import main
+
+LAYOUT = {
+    "prompt": "a red rose floating on a blue ocean under golden sunlight",
+    "regions": [
+        {"phrase": "a blue ocean", "box": [0.0, 0.5, 1.0, 1.0]},
+        {"phrase": "a red rose", "box": [0.3, 0.2, 0.7, 0.5]},
+        {"phrase": "golden sunlight", "box": [0.0, 0.0, 1.0, 0.2]},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense")
+    cache = root / "cache"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SD3_MINIMAL_CACHE", str(cache))
+    layout = root / "layout.json"
+    layout.write_text(json.dumps(LAYOUT))
+    yield root, layout
+    mp.undo()
+
+
+def run(root, tmp, name, *extra):
+    out = tmp / f"{name}.png"
+    lat = tmp / f"{name}.safetensors"
+    args = ["--steps", "10", "--height", "128", "--width", "128", "--out", str(out), "--save-latents", str(lat),
+            "--quiet", *extra]
+    if "--layout" not in extra:
+        args = ["--prompt", LAYOUT["prompt"], *args]
+    assert main(args) == 0
+    return load_file(str(lat))["latents"], out
+
+
+def test_no_layout_and_strength_zero_are_bit_identical(builtin, tmp_path):
+    root, layout = builtin
+    plain, _ = run(root, tmp_path, "plain")
+    zero, png = run(root, tmp_path, "zero", "--layout", str(layout), "--dense-strength", "0")
+    assert torch.equal(plain, zero)
+    modulated, _ = run(root, tmp_path, "mod", "--layout", str(layout))
+    assert not torch.equal(plain, modulated)  # so the equality above is not vacuous
+    meta = read_png_metadata(png)
+    assert meta["layout"]["regions"][1] == {"phrase": "a red rose", "box": [0.3, 0.2, 0.7, 0.5]}
+
+
+def test_in_region_fraction_rises_with_strength(builtin, tmp_path):
+    root, layout = builtin
+    fractions = {}
+    for strength in ("0", "0.5", "1"):
+        maps = tmp_path / f"maps{strength}"
+        run(root, tmp_path, f"s{strength}", "--layout", str(layout), "--dense-strength", strength,
+            "--attention-maps", str(maps))
+        stats = json.loads((maps / "stats.json").read_text())
+        fractions[strength] = [r["in_region_fraction"] for r in stats["regions"]]
+        assert sorted(p.name for p in maps.iterdir()) == ["region_0.png", "region_1.png", "region_2.png", "stats.json"]
+    for n in range(3):
+        assert fractions["0"][n] < fractions["0.5"][n] < fractions["1"][n], fractions
+    # without modulation a region gets about its area's share (spec §7)
+    areas = [r["area"] for r in json.loads((tmp_path / "maps0" / "stats.json").read_text())["regions"]]
+    assert all(abs(f - a) < 0.1 for f, a in zip(fractions["0"], areas))
+
+
+@pytest.mark.parametrize("preset", ["joint", "hard"])
+def test_presets_run_and_differ(builtin, tmp_path, preset):
+    root, layout = builtin
+    faithful, _ = run(root, tmp_path, "f", "--layout", str(layout))
+    other, _ = run(root, tmp_path, preset, "--layout", str(layout), "--dense-preset", preset)
+    assert torch.isfinite(other).all() and not torch.equal(faithful, other)
+
+
+def test_attention_maps_need_a_layout(builtin, tmp_path, capsys):
+    assert main(["--prompt", "x", "--attention-maps", str(tmp_path / "m"), "--out", str(tmp_path / "x.png"),
+                 "--quiet"]) == 2
+    assert "--dense-strength 0" in capsys.readouterr().err
+
+
+def test_bad_layout_fails_before_loading(builtin, tmp_path, capsys):
+    root, _ = builtin
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"regions": [{"phrase": "a purple whale", "box": [0, 0, 1, 1]}]}))
+    assert main(["--prompt", LAYOUT["prompt"], "--layout", str(bad), "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "a purple whale" in err and "not in the prompt" in err
+
+
+# --- the attention function itself --------------------------------------------------------------------
+
+def _plan(n_img_side=4, n_txt=12, chunk=5):
+    masks = torch.stack([box_mask((0, 0, 0.5, 1), 16 * n_img_side, 16 * n_img_side),
+                         box_mask((0.5, 0, 1, 1), 16 * n_img_side, 16 * n_img_side)])
+    regions = assign_tokens(masks, ["left thing", "right thing"])
+    matches = [PhraseMatch(clip=range(1, 3), t5=range(0)), PhraseMatch(clip=range(4, 6), t5=range(0))]
+    return DensePlan.build(regions, matches, ["left thing", "right thing"], n_txt=n_txt, sigmas=[1.0, 0.5, 0.0],
+                           num_steps=2, shift=1.0, config=PRESETS["joint"], chunk_size=chunk)
+
+
+def test_unmodulated_rows_are_the_plain_result_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 28, 8, generator=g) for _ in range(3))  # 16 image + 12 text tokens
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    dense = _plan().for_call(0, slice(1, 2))
+    out = attention(q.clone(), k.clone(), v.clone(), dense)
+    assert torch.equal(out[0], plain[0])  # the negative half
+    assert not torch.allclose(out[1], plain[1], atol=1e-3)  # the positive half was modulated
+
+
+def test_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 3, 28, 8, generator=g) for _ in range(3))
+    small = attention(q, k, v, _plan(chunk=3).for_call(0, slice(0, 1)))
+    whole = attention(q, k, v, _plan(chunk=1000).for_call(0, slice(0, 1)))
+    assert (small - whole).abs().max() < 1e-6
