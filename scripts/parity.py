@@ -18,15 +18,24 @@ latents), so every row measures one component, not the errors accumulated before
 not selected, the conditioning is seeded random numbers of the right shape; without the sampling row, so are the
 VAE's latents.
 
-Where the diffusers side comes from:
+Which checkpoint each side reads: our engine reads `--model`; diffusers and transformers read `--reference`
+(default: the same model). Checking one model against itself asks "do both engines compute the same thing from
+these files?". A different reference asks it of a modified copy (converted, re-saved, quantised, or perturbed
+on purpose): every row whose component's weights changed fails. The two must have the same architecture: the
+configurations that both sides infer from their files (MM-DiT, and the VAE / text encoders when their rows run)
+are compared before anything loads, and a difference stops the run (status 2) naming the fields that differ.
+Tokenizers: each side uses its own model's tokenizer folders, or `--tokenizers` for both.
+
+Where the diffusers side comes from (the reference checkpoint):
 * a diffusers folder: `from_pretrained` on its own folders, which checks our config inference and key maps too;
 * a single file (the built-in model included): diffusers has no config for it offline, so its models are built
   from our inferred configs (`MMDiTConfig`, `VAEConfig`, `CLIPConfig`, `T5Config`) and filled through our key
   maps (`transformer_to_diffusers`, `vae_to_diffusers`, `clip_state_dict`, `t5_state_dict`) from tensors read with
   `safetensors` directly (not our reader). SD3's CLIP-L projection is the identity for Stability files, as our
-  loader makes it. Its tokenizers are transformers' `CLIPTokenizer` / `T5TokenizerFast` on the same folders.
+  loader makes it. Its tokenizers are transformers' `CLIPTokenizer` / `T5TokenizerFast` on the reference's folders.
 
-Memory: one component is in memory at a time, ours and then diffusers', each freed before the next loads; the
+Memory: one component is in memory at a time, ours and then diffusers', each freed before the next loads (also
+with a separate `--reference`: only one side's copy of a component is ever loaded at a time); the
 three text encoders run one after another (diffusers' `encode_prompt` is then answered from those runs, see
 `RecordedEncoder`). So a model can be checked wherever one copy of its largest component fits.
 
@@ -189,7 +198,11 @@ def _components(text: str) -> tuple[str, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers folder, .safetensors single file, or Hub repo id (default: built-in tiny model)")
-    p.add_argument("--tokenizers", type=Path, help="folder holding tokenizer/, tokenizer_2/, tokenizer_3/ (for a single file)")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="what diffusers/transformers load, in the same forms as --model (default: --model itself); "
+                        "it must have the same architecture")
+    p.add_argument("--tokenizers", type=Path,
+                   help="folder holding tokenizer/, tokenizer_2/, tokenizer_3/ (for a single file), used by both sides")
     p.add_argument("--components", type=_components, default=tuple(COMPONENTS),
                    help=f"comma-separated rows to check (default all): {','.join(COMPONENTS)}")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -286,12 +299,15 @@ def _finite(x: float) -> float | None:
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything the stages share."""
+    """Everything the stages share. Our engine reads `checkpoint` / `files`, the reference `reference` /
+    `reference_files` (the same objects when no --reference was given)."""
 
     checkpoint: Checkpoint
-    config: MMDiTConfig
+    reference: Checkpoint
+    config: MMDiTConfig  # both sides' (checked equal)
     settings: Settings
     files: TextFiles | None  # when a text row runs
+    reference_files: TextFiles | None
     prompt: str
     negative: str | None  # None: CFG off, no negative prompt
     max_sequence_length: int
@@ -311,6 +327,9 @@ def run(args: argparse.Namespace, say: Callable[..., None]) -> Report:
 
     source = resolve_model(args.model, say=say)
     checkpoint = locate(source.diffusion)
+    same = args.reference is None
+    ref_source = source if same else resolve_model(args.reference, say=say)
+    reference = checkpoint if same else locate(ref_source.diffusion)
     config = transformer_config(checkpoint)
     name = variant(checkpoint, config)
     if source.builtin:
@@ -321,24 +340,34 @@ def run(args: argparse.Namespace, say: Callable[..., None]) -> Report:
         preset, size, steps = PRESETS[name], 512, args.steps or 2
     settings = Settings.from_preset(preset, steps=steps, seed=args.seed, height=args.height or size,
                                     width=args.width or size)
-    files = None
+    files = reference_files = None
     if any(c in args.components for c in TEXT):
         from loaders.text import find_text_files
 
         files = find_text_files(source.diffusion, tokenizers=args.tokenizers)
-    setup = Setup(checkpoint, config, settings, files, args.prompt,
+        reference_files = files if same else find_text_files(ref_source.diffusion, tokenizers=args.tokenizers)
+    if not same:
+        say(f"checking that {ref_source.label} has the architecture of {source.label}")
+        vae_rows = bool({"vae", "png"} & set(args.components))
+        check_same_architecture(
+            architecture(checkpoint, files, vae=vae_rows, transformer=config),
+            architecture(reference, reference_files, vae=vae_rows), source.label, ref_source.label)
+    setup = Setup(checkpoint, reference, config, settings, files, reference_files, args.prompt,
                   args.negative_prompt if settings.guidance.cfg_on else None, args.max_sequence_length,
                   DTYPES[args.dtype], torch.device(args.device), TOLERANCES[args.dtype])
     header = {
         "model": source.label, "variant": name,
         "layout": "single file" if checkpoint.single_file else "diffusers folder",
+        "reference": ref_source.label,
+        "reference_layout": "single file" if reference.single_file else "diffusers folder",
         "dtype": args.dtype, "device": str(setup.device), "steps": settings.steps, "cfg": settings.cfg,
         "shift": settings.shift, "slg_layers": list(settings.slg_layers), "height": settings.height,
         "width": settings.width, "seed": settings.seed, "prompt": args.prompt,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
     }
-    say(f"parity: {source.label} ({name}, {header['layout']}), {args.dtype} on {setup.device}; "
+    against = "" if same else f" against {ref_source.label} ({header['reference_layout']})"
+    say(f"parity: {source.label} ({name}, {header['layout']}){against}, {args.dtype} on {setup.device}; "
         f"rows: {', '.join(args.components)}")
 
     rows: list[Row] = []
@@ -359,6 +388,105 @@ def run(args: argparse.Namespace, say: Callable[..., None]) -> Report:
                 latents = random_latents(setup)
             rows += check_vae(setup, wanted, latents, say)
     return Report(header, rows)
+
+
+# ------------------------------------------------------------------------------------------------ architecture
+
+
+def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Shape-only tensors: the key maps and config inference run on them without reading any data."""
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+def _vae_config(checkpoint: Checkpoint) -> VAEConfig:
+    """The VAE configuration our loader infers (`load_vae`), from the file headers and vae/config.json only.
+
+    `has_encoder` is left out (always True): only the decoder runs here, so a decoder-only file still fits.
+    """
+    from dataclasses import replace
+
+    from loaders.checkpoint import VAE_PREFIX
+    from loaders.safetensors import CheckpointError, read_shapes, weight_files
+    from loaders.vae_keys import vae_config_from_diffusers, vae_from_diffusers
+    from mmdit.vae import VAEConfig
+
+    if checkpoint.single_file:
+        shapes = read_shapes(checkpoint.path, VAE_PREFIX)
+        if not shapes:
+            raise CheckpointError(
+                f"{checkpoint.path}: no VAE inside (no '{VAE_PREFIX}' tensors); the VAE and PNG rows need one")
+        config = VAEConfig.from_state_dict(_meta(shapes))  # SD3's latent scale and shift are the defaults
+    else:
+        folder = checkpoint.path / "vae"
+        file = folder / "config.json"
+        found = vae_config_from_diffusers(json.loads(file.read_text()) if file.is_file() else {})
+        config = VAEConfig.from_state_dict(vae_from_diffusers(_meta(read_shapes(weight_files(folder)))),
+                                           norm_groups=found.norm_groups, scaling_factor=found.scaling_factor,
+                                           shift_factor=found.shift_factor)
+    return replace(config, has_encoder=True)
+
+
+def _text_config(where: EncoderFile, activation: str | None) -> object:
+    """A text encoder's CLIPConfig (activation given) or T5Config (None) as our loaders infer it, headers only."""
+    from dataclasses import replace
+
+    from loaders.safetensors import read_shapes, weight_files
+    from loaders.text_encoder_keys import (
+        TextEncoderJson, clip_pooling_rule, clip_state_dict, read_text_encoder_json, t5_state_dict,
+    )
+    from mmdit.clip import CLIPConfig
+    from mmdit.t5 import T5Config
+
+    folder = where.path.is_dir()
+    if folder:
+        stated = read_text_encoder_json(where.path) if (where.path / "config.json").is_file() else TextEncoderJson()
+        shapes = read_shapes(weight_files(where.path))
+    else:
+        stated, shapes = TextEncoderJson(), read_shapes(where.path, where.prefix)
+    if activation is None:
+        cfg = T5Config.from_state_dict(t5_state_dict(_meta(shapes)), stated.num_heads,
+                                       max_distance=stated.max_distance if stated.max_distance is not None else 128)
+    else:
+        # SD3's CLIP-L projection is the identity for Stability files (see loaders.text_encoder_keys).
+        state = clip_state_dict(_meta(shapes), identity_projection=activation == "quick_gelu" and not folder)
+        cfg = CLIPConfig.from_state_dict(state, activation=activation, num_heads=stated.num_heads,
+                                         eos_token_id=clip_pooling_rule(stated.eos_token_id))
+    return cfg if stated.eps is None else replace(cfg, eps=stated.eps)
+
+
+def architecture(checkpoint: Checkpoint, files: TextFiles | None, *, vae: bool,
+                 transformer: MMDiTConfig | None = None) -> dict[str, object]:
+    """Component label -> the configuration our loaders infer for it (no tensor data is read): the MM-DiT always,
+    the VAE when `vae`, the text encoders when `files` (the text rows run). The VAE and text-encoder parts
+    repeat, on file headers, the inference that `load_vae` / `load_clip` / `load_t5` do on the loaded tensors."""
+    from loaders.checkpoint import transformer_config
+
+    configs: dict[str, object] = {"MM-DiT": transformer or transformer_config(checkpoint)}
+    if vae:
+        configs["VAE"] = _vae_config(checkpoint)
+    if files is not None:
+        configs["CLIP-L"] = _text_config(files.clip_l, "quick_gelu")
+        configs["CLIP-G"] = _text_config(files.clip_g, "gelu")
+        if files.t5 is not None:
+            configs["T5"] = _text_config(files.t5, None)
+    return configs
+
+
+def check_same_architecture(ours: dict[str, object], reference: dict[str, object], model: str, ref: str) -> None:
+    """Raise a ValueError naming every configuration field in which --model and --reference differ."""
+    differences = []
+    for label, mine in ours.items():
+        theirs = reference[label]
+        if mine == theirs:
+            continue
+        fields = [f"{k} {v!r} vs {getattr(theirs, k)!r}" for k, v in asdict(mine).items() if getattr(theirs, k) != v]
+        differences.append(f"  {label}: " + "; ".join(fields))
+    if differences:
+        raise ValueError(
+            f"--model {model} and --reference {ref} are not the same architecture (--model's value first):\n"
+            + "\n".join(differences) + "\nparity.py compares two engines on one architecture: give --reference "
+            "the model that --model was made from (or leave it out to check --model against itself)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -496,16 +624,18 @@ def check_text(setup: Setup, wanted: set[str], say: Callable[..., None]
     from loaders.tokenizers import ClipTokenizer, T5Tokenizer
     from mmdit.conditioning import assemble
 
-    files, groups, L = setup.files, _texts(setup), setup.max_sequence_length
+    files, ref_files = setup.files, setup.reference_files
+    groups, L = _texts(setup), setup.max_sequence_length
     say("ours: CLIP-L, CLIP-G, T5 (one at a time)")
     ours, _, _ = encode_texts(files, groups, max_sequence_length=L, dtype=setup.dtype, device=setup.device)
     our_tokenizers = {"clip-l": (ClipTokenizer.from_folder(files.tokenizer), 77),
                       "clip-g": (ClipTokenizer.from_folder(files.tokenizer_2), 77),
                       "t5": (T5Tokenizer.from_folder(files.tokenizer_3), L)}
-    hf_tokenizers = {"clip-l": CLIPTokenizer.from_pretrained(files.tokenizer),
-                     "clip-g": CLIPTokenizer.from_pretrained(files.tokenizer_2),
-                     "t5": T5TokenizerFast.from_pretrained(files.tokenizer_3)}
-    encoders = {"clip-l": (files.clip_l, "quick_gelu"), "clip-g": (files.clip_g, "gelu"), "t5": (files.t5, None)}
+    hf_tokenizers = {"clip-l": CLIPTokenizer.from_pretrained(ref_files.tokenizer),
+                     "clip-g": CLIPTokenizer.from_pretrained(ref_files.tokenizer_2),
+                     "t5": T5TokenizerFast.from_pretrained(ref_files.tokenizer_3)}
+    encoders = {"clip-l": (ref_files.clip_l, "quick_gelu"), "clip-g": (ref_files.clip_g, "gelu"),
+                "t5": (ref_files.t5, None)}
     recorded: dict[str, RecordedEncoder] = {}
     rows: list[Row] = []
     for name, (where, activation) in encoders.items():
@@ -606,7 +736,7 @@ def reference_transformer(setup: Setup) -> torch.nn.Module:
     from loaders.checkpoint import TRANSFORMER_PREFIX
     from loaders.transformer_keys import is_diffusers_layout, transformer_to_diffusers
 
-    checkpoint = setup.checkpoint
+    checkpoint = setup.reference
     if not checkpoint.single_file:
         model = SD3Transformer2DModel.from_pretrained(checkpoint.path, subfolder="transformer", torch_dtype=setup.dtype)
         return model.to(setup.device).eval()
@@ -712,7 +842,7 @@ def reference_vae(setup: Setup) -> torch.nn.Module:
     from loaders.vae_keys import vae_to_diffusers
     from mmdit.vae import VAEConfig
 
-    checkpoint = setup.checkpoint
+    checkpoint = setup.reference
     if not checkpoint.single_file:
         model = AutoencoderKL.from_pretrained(checkpoint.path, subfolder="vae", torch_dtype=setup.dtype)
         return model.to(setup.device).eval()
@@ -771,8 +901,8 @@ def format_table(report: Report) -> str:
     lines = [
         f"model {h['model']} ({h['variant']}, {h['layout']}), {h['dtype']} on {h['device']}, "
         f"{h['width']}x{h['height']}, {h['steps']} steps, cfg {h['cfg']}, seed {h['seed']}",
-        f"reference: diffusers {h['versions']['diffusers']}, transformers {h['versions']['transformers']}; "
-        f"torch {h['versions']['torch']}",
+        f"reference: {h['reference']} ({h['reference_layout']}) in diffusers {h['versions']['diffusers']}, "
+        f"transformers {h['versions']['transformers']}; torch {h['versions']['torch']}",
         "",
         f"{'component':<22}{'max abs diff':>14}{'relative':>12}{'tolerance':>12}  {'result':<6}  compared",
         "-" * 100,

@@ -1,9 +1,12 @@
 """scripts/parity.py and scripts/tour.py on tiny models.
 
 * parity.py with no arguments (the built-in model, a Stability single file) passes every row; a tiny pipeline
-  saved by diffusers/transformers (`save_pretrained`, the diffusers layout) passes too; when what our engine reads
-  is perturbed (the reference reads the files with safetensors itself, our engine through `loaders`), the rows
-  of the perturbed components fail, by name, with exit status 1, and the others still pass.
+  saved by diffusers/transformers passes in both layouts, and with the single file checked against the diffusers
+  folder (`--reference`); a perturbed copy of the built-in checkpoint (files on disk, one MM-DiT weight and
+  CLIP-G's final norm 1% off) checked against the original fails exactly the rows those weights feed, by name,
+  with exit status 1, and the others still pass; a reference of another architecture stops the run (status 2)
+  naming what differs; and the reference side reads single files without our reader (so a bug there cannot
+  hide by being shared).
 * tour.py: the shapes it reports are those of the real pipeline, observed by running `encode_prompts`,
   `generate_latents` and `decode_images` with forward hooks on the MM-DiT (hooks are fine in a test, they only
   watch), its final latents and image are the pipeline's, and its `module:function` names resolve to real code.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -64,8 +68,84 @@ def test_parity_tiny_pipeline_both_layouts(tiny_model, tmp_path, layout):
         "diffusers folder" if layout == "diffusers" else "single file")
 
 
-def test_parity_catches_perturbed_weights(monkeypatch, tmp_path, capsys):
-    """Our engine reads a CLIP-G norm weight and one MM-DiT weight 1% off; diffusers reads the file as it is."""
+def test_parity_single_file_against_diffusers_folder(tiny_model, tmp_path):
+    """Our engine on the Stability layout, diffusers on its own folders (`from_pretrained`): the same weights."""
+    code = parity.main(["--model", str(tiny_model / "single" / "model.safetensors"),
+                        "--reference", str(tiny_model / "diffusers"), *SMALL, "--json", str(tmp_path / "p.json")])
+    data = json.loads((tmp_path / "p.json").read_text())
+    rows = _rows(tmp_path / "p.json")
+    assert code == 0 and set(rows) == ALL and all(r["passed"] for r in rows.values()), rows
+    assert (data["layout"], data["reference_layout"]) == ("single file", "diffusers folder")
+    assert data["reference"] == str(tiny_model / "diffusers")
+
+
+def test_parity_rejects_a_reference_of_another_architecture(tiny_model, capsys):
+    """The tiny pipeline (3 blocks, 2 heads of 16) is not the built-in model (4 blocks, 2 heads of 64)."""
+    from loaders.builtin import builtin_model
+
+    code = parity.main(["--model", str(tiny_model / "single" / "model.safetensors"),
+                        "--reference", str(builtin_model()), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "not the same architecture" in err and "MM-DiT: depth 3 vs 4" in err and "CLIP-G" in err, err
+
+
+MMDIT_KEY = "model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight"
+CLIP_G_KEY = "text_model.final_layer_norm.weight"
+
+
+def _scaled_copy(source, target, key: str, factor: float) -> None:
+    """`source` saved as `target` (a safetensors file) with the tensor `key` multiplied by `factor`."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(source))
+    assert key in state, key
+    state[key] = state[key] * factor
+    save_file(state, str(target))
+
+
+@pytest.fixture
+def perturbed_builtin(tmp_path):
+    """(original, perturbed copy) of the built-in single file; the copy has its own text_encoders/ and
+    tokenizer folders, as a downloaded release would, with CLIP-G's final norm weight also 1% off."""
+    from loaders.builtin import builtin_model
+
+    original = builtin_model()
+    copy = tmp_path / "perturbed"
+    for folder in ("text_encoders", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.copytree(original.parent / folder, copy / folder)
+    _scaled_copy(original, copy / original.name, MMDIT_KEY, 1.01)
+    clip_g = "text_encoders/clip_g.safetensors"
+    _scaled_copy(original.parent / clip_g, copy / clip_g, CLIP_G_KEY, 1.01)
+    return original, copy / original.name
+
+
+def test_parity_catches_a_perturbed_checkpoint_file(perturbed_builtin, tmp_path, capsys):
+    """Our engine reads the perturbed copy from disk, diffusers/transformers the original."""
+    original, perturbed = perturbed_builtin
+    code = parity.main(["--model", str(perturbed), "--reference", str(original), "--steps", "2",
+                        "--height", "64", "--width", "64", "--json", str(tmp_path / "p.json"), "--quiet"])
+    out = capsys.readouterr().out
+    rows = _rows(tmp_path / "p.json")
+    assert code == 1, out
+    assert set(rows) == ALL
+    failed = {name for name, r in rows.items() if not r["passed"]}
+    # CLIP-G's output feeds the prompt embeddings; the transformer rows get diffusers' embeddings, so they fail
+    # on the MM-DiT weight alone. CLIP-L (a tensor of the same name, untouched), T5, the VAE and PNG agree.
+    assert failed == {"clip-g", "prompt", "transformer", "sampling"}, rows
+    for name in failed:
+        assert rows[name]["relative"] > rows[name]["tolerance"] and "largest difference" in rows[name]["note"]
+    for name in ALL - failed:
+        assert rows[name]["relative"] == 0.0, rows[name]  # bit for bit: same weights, same inputs
+    assert "FAILED: CLIP-G, prompt encoding, transformer one step, sampling loop" in out
+    assert re.search(r"^CLIP-G\s.*FAIL", out, re.M) and re.search(r"^CLIP-L\s.*pass", out, re.M)
+    assert re.search(r"^VAE decode\s.*pass", out, re.M)
+    assert f"reference: {original} (single file)" in out
+
+
+def test_parity_reference_does_not_use_our_reader(monkeypatch, tmp_path):
+    """Checking a model against itself means two independent readings of its files: the reference reads
+    single files with safetensors itself, so what our reader returns cannot leak into the reference side."""
     import loaders.checkpoint
     import loaders.text_encoder_keys
     from loaders.builtin import FILE_NAME
@@ -79,19 +159,14 @@ def test_parity_catches_perturbed_weights(monkeypatch, tmp_path, capsys):
         return read_tensors
 
     monkeypatch.setattr(loaders.checkpoint, "read_tensors", perturbing(
-        loaders.checkpoint.read_tensors, "joint_blocks.1.x_block.mlp.fc2.weight", FILE_NAME))
+        loaders.checkpoint.read_tensors, MMDIT_KEY.removeprefix(loaders.checkpoint.TRANSFORMER_PREFIX), FILE_NAME))
     monkeypatch.setattr(loaders.text_encoder_keys, "read_tensors", perturbing(
-        loaders.text_encoder_keys.read_tensors, "text_model.final_layer_norm.weight", "clip_g"))
-    code = parity.main(["--components", "clip-l,clip-g,transformer,sampling,vae", "--steps", "2",
+        loaders.text_encoder_keys.read_tensors, CLIP_G_KEY, "clip_g"))
+    code = parity.main(["--components", "clip-l,clip-g,transformer", "--height", "64", "--width", "64",
                         "--json", str(tmp_path / "p.json"), "--quiet"])
-    out = capsys.readouterr().out
     rows = _rows(tmp_path / "p.json")
     assert code == 1
-    failed = {name for name, r in rows.items() if not r["passed"]}
-    # CLIP-L has a tensor of the same name, untouched: only the perturbed components fail.
-    assert failed == {"clip-g", "transformer", "sampling"}, rows
-    assert "FAILED: CLIP-G, transformer one step, sampling loop" in out
-    assert re.search(r"^CLIP-G\s.*FAIL", out, re.M) and re.search(r"^VAE decode\s.*pass", out, re.M)
+    assert {name for name, r in rows.items() if not r["passed"]} == {"clip-g", "transformer"}, rows
 
 
 def test_parity_explains_missing_packages(monkeypatch, capsys):
