@@ -59,13 +59,22 @@ class SelfAttention(nn.Module):
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v
 
+    def kv_heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L, D) -> k, v each (B, H, L, Dh): for tokens that are only attended to, never attend."""
+        dim = self.qkv.in_features
+        kv = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:])  # the k and v rows of the fused weight
+        k, v = rearrange(kv, "B L (K H Dh) -> K B H L Dh", K=2, H=self.num_heads)
+        return (self.ln_k(k) if self.ln_k is not None else k), v
+
 
 def merge_heads(o: Tensor) -> Tensor:
     return rearrange(o, "B H L Dh -> B L (H Dh)")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = None) -> Tensor:
-    """softmax(q kᵀ / √Dh) v over the whole sequence; q, k, v and the result are (B, H, L, Dh).
+    """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) attends over k, v (B, H, L, Dh); the result is (B, H, Lq, Dh).
+
+    Lq = L, except in the last block, where only the image tokens (the first Lq) ask.
 
     With `dense`, the batch rows `dense.rows` (the positive prompt) are recomputed with explicit float32
     scores so DenseDiffusion can modulate them (dense-spec.md §5). Queries go `dense.chunk_size` at a time,
@@ -81,7 +90,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = No
     scale = q.shape[-1] ** -0.5
     for q0 in range(0, q.shape[2], dense.chunk_size):
         q1 = min(q0 + dense.chunk_size, q.shape[2])
-        s = (qr[:, :, q0:q1] @ kt) * scale  # (b, H, chunk, L) scaled scores
+        s = (qr[:, :, q0:q1] @ kt) * scale  # (b, H, chunk, L) scaled scores of queries q0..q1
         s = dense.modulate(s, q0, q1)
         p = s.softmax(-1)
         dense.record(p, q0, q1)

@@ -90,17 +90,21 @@ class StreamBlock(nn.Module):
 
 
 class PreOnlyBlock(nn.Module):
-    """The last block's text stream: modulation (shift, scale) and q, k, v only."""
+    """The last block's text stream: modulation (shift, scale), then keys and values for the image tokens.
+
+    Nothing reads this stream's attention output, so its queries are not computed at all (the checkpoint still
+    holds their weights, in the fused `qkv`). diffusers and the Stability reference compute the text rows of
+    the attention and throw them away; skipping them changes no result and saves that work.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool):
         super().__init__()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.attn = SelfAttention(dim, num_heads, qk_norm, has_proj=False)
 
-    def pre_attention(self, c: Tensor, vec: Tensor) -> Prepared:
+    def keys_values(self, c: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        normed = layer_norm(c)
-        return Prepared(self.attn.qkv_heads(modulate(normed, shift, scale)), (), normed)
+        return self.attn.kv_heads(modulate(layer_norm(c), shift, scale))  # each (B, H, S, Dh)
 
 
 class JointBlock(nn.Module):
@@ -114,13 +118,16 @@ class JointBlock(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, N, D) image tokens, c (B, S, D) text tokens, vec (B, D) -> updated (x, c); c is None after the last block."""
         px = self.x_block.pre_attention(x, vec)
+        if isinstance(self.context_block, PreOnlyBlock):  # the last block: only the image tokens ask
+            kc, vc = self.context_block.keys_values(c, vec)
+            q, (kx, vx) = px.qkv[0], px.qkv[1:]
+            k, v = torch.cat([kx, kc], dim=2), torch.cat([vx, vc], dim=2)  # (B, H, N+S, Dh); q (B, H, N, Dh)
+            return self.x_block.post_attention(x, merge_heads(attention(q, k, v, dense)), px, dense), None
         pc = self.context_block.pre_attention(c, vec)
         # Image tokens first, then text: diffusers' order, so the softmax sums run in the same order.
         q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(px.qkv, pc.qkv))  # (B, H, N+S, Dh)
         out_x, out_c = merge_heads(attention(q, k, v, dense)).split([x.shape[1], c.shape[1]], dim=1)
         x = self.x_block.post_attention(x, out_x, px, dense)
-        if isinstance(self.context_block, PreOnlyBlock):
-            return x, None
         return x, self.context_block.post_attention(c, out_c, pc, None)
 
 
