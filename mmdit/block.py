@@ -126,9 +126,11 @@ class JointBlock(nn.Module):
         pc = self.context_block.pre_attention(c, vec)
         # Image tokens first, then text: diffusers' order, so the softmax sums run in the same order.
         q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(px.qkv, pc.qkv))  # (B, H, N+S, Dh)
-        out_x, out_c = merge_heads(attention(q, k, v, dense)).split([x.shape[1], c.shape[1]], dim=1)
-        x = self.x_block.post_attention(x, out_x, px, dense)
-        return x, self.context_block.post_attention(c, out_c, pc, None)
+        out = attention(q, k, v, dense)  # (B, H, N+S, Dh)
+        # Split by token before merging heads, so each stream's projection gets a contiguous (B, L, D) matrix.
+        n = x.shape[1]
+        x = self.x_block.post_attention(x, merge_heads(out[:, :, :n]), px, dense)
+        return x, self.context_block.post_attention(c, merge_heads(out[:, :, n:]), pc, None)
 
 
 class FinalLayer(nn.Module):
