@@ -79,6 +79,7 @@ class TokenTables:
     row_weight: Tensor  # (N, 2) fp32: w_{A,B}·size(q) for B = image keys, text keys; 0 for rows never modulated
     row_on: Tensor  # (N, 2) bool: hard mode: the row excludes its Q keys in that key block
     text_is_phrase: Tensor  # (N_txt,) bool: text keys of some phrase (TT's negative set is only these)
+    text_rows_modulated: bool  # some phrase (text) query row is modulated (TI or TT on)
 
 
 def build_tables(regions: RegionTokens, text_class: Tensor, config: DenseConfig,
@@ -106,6 +107,7 @@ def build_tables(regions: RegionTokens, text_class: Tensor, config: DenseConfig,
         row_weight=row_weight.to(device),
         row_on=row_on.to(device),
         text_is_phrase=phrase.to(device),
+        text_rows_modulated=bool(row_on[seg.numel():].any()),
     )
 
 
@@ -227,6 +229,12 @@ class DenseAttention:
         bias = torch.zeros(negative.shape, dtype=s.dtype, device=s.device).masked_fill_(negative, float("-inf"))
         return s.add_(bias)
 
+    def explicit_queries(self, n_queries: int) -> int:
+        """How many leading query rows (of `n_queries`, image rows first) need explicit scores: the image rows,
+        which are modulated or recorded, and the text rows only if the preset modulates phrase rows."""
+        t = self.tables
+        return n_queries if self.modulating and t.text_rows_modulated else min(n_queries, t.n_img)
+
     def record(self, p: Tensor, q0: int, q1: int) -> None:
         """Accumulate attention probabilities p (b, H, q1-q0, Lk) into the maps, if maps are being recorded."""
         if self.maps is not None:
@@ -240,7 +248,7 @@ class DensePlan:
     tables: TokenTables
     step_weights: tuple[float, ...]  # λ_k for the active steps k < round(fraction·K)
     config: DenseConfig
-    chunk_size: int = 256
+    chunk_size: int = 64
     maps: AttentionMaps | None = None
 
     @classmethod
@@ -256,7 +264,7 @@ class DensePlan:
         shift: float,
         config: DenseConfig = PRESETS["faithful"],
         strength: float = 1.0,
-        chunk_size: int = 256,
+        chunk_size: int = 64,
         record_maps: bool = False,
         device: torch.device | str | None = None,
     ) -> DensePlan:

@@ -99,7 +99,7 @@ def transformer_config(checkpoint: Checkpoint) -> MMDiTConfig:
     """The MM-DiT's configuration, from the file headers alone (no tensor data is read)."""
     files, prefix, num_heads = _transformer_source(checkpoint)
     # Meta tensors carry shapes only, so the key map and the config inference run before any data is read.
-    meta = {k: torch.empty(s, device="meta") for k, s in read_shapes(files, prefix).items()}
+    meta = _meta(read_shapes(files, prefix))
     diffusers = is_diffusers_layout(meta)
     if diffusers:
         meta = transformer_from_diffusers(meta)
@@ -130,24 +130,41 @@ def load_transformer(
     return load_weights(model, state, what=f"MM-DiT from {checkpoint.path}", dtype=dtype, device=device)
 
 
-def load_vae(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VAE:
-    """The VAE (decoder, and encoder when the file has one) in `dtype` on `device`."""
+def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Shape-only tensors: the key maps and the config inference run on them before any data is read."""
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def _vae_source(checkpoint: Checkpoint) -> tuple[list[Path], str, dict]:
+    """The VAE's weight files, their key prefix, and what config.json adds to the shapes (group count, latent
+    scale and shift; SD3's constants are the defaults, which the single file relies on)."""
     if checkpoint.single_file:
-        files, prefix, settings = [checkpoint.path], VAE_PREFIX, {}  # SD3's constants are the defaults
-        if not read_shapes(files, VAE_PREFIX):
+        if not read_shapes([checkpoint.path], VAE_PREFIX):
             raise CheckpointError(
                 f"{checkpoint.path}: no VAE inside (no '{VAE_PREFIX}' tensors); "
                 "use the full release file (e.g. sd3.5_large.safetensors), which carries the VAE"
             )
-    else:
-        folder = checkpoint.path / "vae"
-        files, prefix = weight_files(folder), ""
-        found = vae_config_from_diffusers(_read_config(folder))
-        settings = dict(norm_groups=found.norm_groups, scaling_factor=found.scaling_factor, shift_factor=found.shift_factor)
+        return [checkpoint.path], VAE_PREFIX, {}
+    folder = checkpoint.path / "vae"
+    found = vae_config_from_diffusers(_read_config(folder))
+    return weight_files(folder), "", dict(norm_groups=found.norm_groups, scaling_factor=found.scaling_factor,
+                                         shift_factor=found.shift_factor)
+
+
+def vae_config(checkpoint: Checkpoint) -> VAEConfig:
+    """The VAE's configuration, from the file headers (and vae/config.json) alone."""
+    files, prefix, settings = _vae_source(checkpoint)
+    meta = _meta(read_shapes(files, prefix))
+    return VAEConfig.from_state_dict(meta if checkpoint.single_file else vae_from_diffusers(meta), **settings)
+
+
+def load_vae(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VAE:
+    """The VAE (decoder, and encoder when the file has one) in `dtype` on `device`."""
+    config = vae_config(checkpoint)
+    files, prefix, _ = _vae_source(checkpoint)
     state = read_tensors(files, prefix, device=device)
     if not checkpoint.single_file:
         state = vae_from_diffusers(state)
-    config = VAEConfig.from_state_dict(state, **settings)
     with torch.device("meta"):
         vae = VAE(config)
     return load_weights(vae, state, what=f"VAE from {checkpoint.path}", dtype=dtype, device=device)

@@ -12,6 +12,7 @@ those scores before the softmax. Module names follow the Stability checkpoint (`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,23 +77,46 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = No
 
     Lq = L, except in the last block, where only the image tokens (the first Lq) ask.
 
-    With `dense`, the batch rows `dense.rows` (the positive prompt) are recomputed with explicit float32
-    scores so DenseDiffusion can modulate them (dense-spec.md §5). Queries go `dense.chunk_size` at a time,
-    so the extra memory is (rows, H, chunk, L), never the full L × L of every head. The other rows keep the
-    plain result, computed by the same kernel on the same batch as without a layout, so they are bit for bit
-    what the plain path gives (spec §6).
+    With `dense` modulating, the batch rows `dense.rows` (the positive prompt) are computed from explicit
+    float32 scores that DenseDiffusion changes before the softmax (dense-spec.md §5). Only the query rows a
+    rule can touch are explicit (the image tokens, and the text tokens if the preset modulates phrase rows),
+    `dense.chunk_size` at a time, so the extra memory is (rows, H, chunk, L), never the full L × L of every
+    head. Everything else goes through the plain kernel, which computes every batch row and query on its own,
+    so those outputs are bit for bit the plain result (spec §6; tests/test_dense_pipeline.py). A `dense` that
+    only records attention maps leaves the whole output plain.
     """
-    out = F.scaled_dot_product_attention(q, k, v)
-    if dense is None:
+    if dense is None or not dense.modulating:
+        out = F.scaled_dot_product_attention(q, k, v)
+        if dense is not None:  # recording maps only: the probabilities are recomputed for them, aside
+            for q0, q1, p in probabilities(q, k, dense):
+                dense.record(p, q0, q1)
         return out
-    rows = dense.rows
-    qr, kt, vr = q[rows].float(), k[rows].float().transpose(-1, -2), v[rows].float()
-    scale = q.shape[-1] ** -0.5
-    for q0 in range(0, q.shape[2], dense.chunk_size):
-        q1 = min(q0 + dense.chunk_size, q.shape[2])
-        s = (qr[:, :, q0:q1] @ kt) * scale  # (b, H, chunk, L) scaled scores of queries q0..q1
-        s = dense.modulate(s, q0, q1)
-        p = s.softmax(-1)
+    B, Lq = q.shape[0], q.shape[2]
+    r0, r1, _ = dense.rows.indices(B)
+    out = torch.empty_like(q)
+    for plain in (slice(0, r0), slice(r1, B)):  # the rows that are not modulated, if any
+        if plain.start < plain.stop:
+            out[plain] = F.scaled_dot_product_attention(q[plain], k[plain], v[plain])
+    rows = slice(r0, r1)
+    n = dense.explicit_queries(Lq)
+    if n < Lq:  # text queries no rule of the preset touches
+        out[rows, :, n:] = F.scaled_dot_product_attention(q[rows, :, n:], k[rows], v[rows])
+    vr = v[rows]  # p @ v in the model's dtype, as the plain kernel does it; scores and softmax are float32
+    for q0, q1, p in probabilities(q, k, dense):
         dense.record(p, q0, q1)
-        out[rows, :, q0:q1] = (p @ vr).to(out.dtype)
+        out[rows, :, q0:q1] = p.to(vr.dtype) @ vr  # (b, H, chunk, Dh)
     return out
+
+
+def probabilities(q: Tensor, k: Tensor, dense: DenseAttention) -> Iterator[tuple[int, int, Tensor]]:
+    """(q0, q1, p) per query chunk: p = softmax(modulated float32 scores), (b, H, q1-q0, L), for the batch rows
+    `dense.rows` and the query rows `dense.explicit_queries` asks for."""
+    rows = dense.rows
+    n = dense.explicit_queries(q.shape[2])
+    # 1/√Dh goes into q once; for Dh = 64 (every release) it is 1/8, a power of two, so this is exact.
+    qr = q[rows, :, :n].float() * q.shape[-1] ** -0.5
+    kt = k[rows].float().transpose(-1, -2)
+    for q0 in range(0, n, dense.chunk_size):
+        q1 = min(q0 + dense.chunk_size, n)
+        s = qr[:, :, q0:q1] @ kt  # (b, H, chunk, L) scaled scores of queries q0..q1
+        yield q0, q1, dense.modulate(s, q0, q1).softmax(-1)

@@ -14,7 +14,12 @@ median(ours) / median(diffusers): below 1.00 means our step is faster. The paire
 pairs of ours / diffusers) is the one to trust on a busy machine; every pair also records how much CPU other
 processes took meanwhile (Linux /proc), and `--wait-idle S` waits for quiet and redoes disturbed pairs.
 
-Prints a Markdown table for the README; `--json FILE` writes every timing.
+DenseDiffusion (issue 4): the same run also times a modulated step (a three-box layout, `--dense-preset`, at
+the schedule's first and strongest step) against our plain step, and measures the extra peak memory of one
+modulated attention call at `--memory-size` (1024x1024) for several query chunk sizes, each call in a fresh
+process. `--dense-preset none` skips both, `--memory-size 0` the memory part.
+
+Prints Markdown tables for the README; `--json FILE` writes every timing.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+
+from dense import DenseAttention, DensePlan  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,7 +94,7 @@ class Result:
     ours: Timing
     reference: Timing
     reference_name: str
-    max_diff: float  # max |ours - reference| / max |reference|
+    max_diff: float | None  # max |ours - reference| / max |reference|; None where they are meant to differ
     others_load: list[float]  # per timed pair: fraction of the CPUs other processes used meanwhile
 
     @property
@@ -125,6 +132,7 @@ class Case:
     ours: Callable[[], Tensor]
     reference: Callable[[], Tensor]
     reference_name: str = "diffusers"
+    same_output: bool = True  # False when the two are meant to differ (a modulated step vs a plain one)
 
 
 @dataclass(frozen=True)
@@ -137,22 +145,28 @@ class Engines:
     t: Tensor  # (B,) sigma * 1000
     context: Tensor  # (B, S, context_dim)
     pooled: Tensor  # (B, pooled_dim)
+    dense: DenseAttention | None  # a layout's modulation of the positive half at step 0, if benchmarked
 
 
 def make_cases(e: Engines) -> list[Case]:
     """Everything timed for one dtype.
 
-    To benchmark another kind of step (e.g. a DenseDiffusion-modulated one), append a `Case` here: the warm-up,
-    the interleaved timing, the output check, the table and the JSON all pick it up.
+    To benchmark another kind of step, append a `Case` here: the warm-up, the interleaved timing, the output
+    check, the table and the JSON all pick it up.
     """
-    return [
+    plain = lambda: e.ours(e.x, e.t, e.context, e.pooled)  # noqa: E731
+    cases = [
         Case(
             "step",
-            lambda: e.ours(e.x, e.t, e.context, e.pooled),
+            plain,
             lambda: e.theirs(hidden_states=e.x, timestep=e.t, encoder_hidden_states=e.context,
                              pooled_projections=e.pooled, return_dict=False)[0],
         ),
     ]
+    if e.dense is not None:
+        cases.append(Case("DenseDiffusion step", lambda: e.ours(e.x, e.t, e.context, e.pooled, dense=e.dense),
+                          plain, reference_name="our plain step", same_output=False))
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -208,6 +222,129 @@ def make_inputs(shape: Shape, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor
     return x, t, context, pooled
 
 
+# ---------------------------------------------------------------------------------------------- DenseDiffusion
+
+# Three regions tiling the image (left half, top right, bottom right): every image token is in a region.
+BOXES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 0.5), (0.5, 0.5, 1.0, 1.0))
+DENSE_STEPS, DENSE_SHIFT = 28, 3.0  # SD3.5-Large's preset schedule
+
+
+def dense_plan(size: int, text_tokens: int, preset: str, chunk_size: int | None = None) -> DensePlan:
+    """A DensePlan as `generate.py --layout` builds it, for three boxes, each phrase 2 CLIP tokens and (if the
+    text is long enough to have a T5 part) 3 T5 tokens; `chunk_size` None keeps the library's default.
+    Its step 0 has the largest λ of the schedule."""
+    from dense import PRESETS, DensePlan, PhraseMatch, assign_tokens, box_mask
+    from samplers.schedule import sigmas
+
+    phrases = [f"thing {n}" for n in range(len(BOXES))]
+    regions = assign_tokens(torch.stack([box_mask(b, size, size) for b in BOXES]), phrases)
+    t5 = text_tokens > 77 + 3 * len(BOXES)
+    matches = [PhraseMatch(clip=range(1 + 2 * n, 3 + 2 * n), t5=range(3 * n, 3 * n + 3) if t5 else range(0))
+               for n in range(len(BOXES))]
+    plan = DensePlan.build(regions, matches, phrases, n_txt=text_tokens,
+                           sigmas=sigmas(DENSE_STEPS, DENSE_SHIFT).tolist(), num_steps=DENSE_STEPS,
+                           shift=DENSE_SHIFT, config=PRESETS[preset])
+    return plan if chunk_size is None else replace(plan, chunk_size=chunk_size)
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    chunk: int | None  # query rows per explicit chunk; None: the plain attention (no layout)
+    extra_bytes: int  # peak resident memory during the call minus resident memory before it
+    chunk_scores_bytes: int  # one chunk's fp32 scores (b, H, chunk, L); 0 for the plain call
+    seconds: float
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _map_every_large_block() -> None:
+    """Ask glibc to give every allocation of 64 KiB or more its own mapping, returned to the system when freed.
+
+    By default glibc keeps freed blocks of up to 32 MiB for reuse, so a second call could reuse the first one's
+    memory and its peak would not show in the resident size. Elsewhere (no glibc) this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    M_MMAP_THRESHOLD = -3  # <malloc.h>; setting it also turns off glibc's dynamic threshold
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+def _attention_memory(shape: Shape, chunk: int | None, preset: str) -> MemoryRow:
+    """One attention call at `shape`, batch `shape.batch` with the last row modulated, in this (fresh) process.
+    `chunk` 0 means every query in one chunk; None the plain call.
+
+    Peak memory comes from Linux: writing 5 to /proc/self/clear_refs resets the peak resident size (VmHWM) to
+    the current one (VmRSS), so VmHWM after the call minus VmRSS before it is what the call added at its worst,
+    whatever allocated it (see `_map_every_large_block` for why freed memory cannot hide a peak).
+    """
+    from mmdit.attention import attention
+
+    _map_every_large_block()
+    g = torch.Generator().manual_seed(0)
+    b, H, L, Dh = shape.batch, shape.num_heads, shape.image_tokens + shape.text_tokens, shape.head_dim
+    chunk = L if chunk == 0 else chunk
+    q, k, v = (torch.randn(b, H, L, Dh, generator=g) for _ in range(3))
+    dense = None
+    if chunk is not None:
+        plan = dense_plan(shape.size, shape.text_tokens, preset, chunk_size=chunk)
+        dense = plan.for_call(0, slice(b - 1, b))
+    with torch.inference_mode():
+        attention(q, k, v, dense)  # warm-up: one-time allocations of the kernels are not the call's
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_bytes("VmRSS")
+        start = time.perf_counter()
+        out = attention(q, k, v, dense)
+        seconds = time.perf_counter() - start
+        extra = _status_bytes("VmHWM") - before
+    del out
+    scores = 0 if chunk is None else H * min(chunk, L) * L * 4  # one modulated row's chunk, fp32
+    return MemoryRow(chunk, extra, scores, seconds)
+
+
+def attention_memory(shape: Shape, chunks: list[int], preset: str, say: Callable[[str], None]) -> list[MemoryRow]:
+    """The plain call, then the modulated call per chunk size, each in a new process (see `_attention_memory`)."""
+    import multiprocessing
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        say("  peak memory needs Linux's /proc/self/clear_refs, which is not writable here: skipped")
+        return []
+    rows = []
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for chunk in [None, *chunks]:
+            say(f"  attention memory, chunk {'plain' if chunk is None else chunk or 'all'} ...")
+            rows.append(pool.apply(_attention_memory, (shape, chunk, preset)))
+    return rows
+
+
+def memory_markdown(shape: Shape, rows: list[MemoryRow]) -> str:
+    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    L = shape.image_tokens + shape.text_tokens
+    full = shape.num_heads * L * L * 4
+    lines = [
+        f"One attention call at {shape.size}x{shape.size} ({shape.image_tokens} + {shape.text_tokens} tokens, "
+        f"{shape.num_heads} heads x {shape.head_dim}, batch {shape.batch}, the last row modulated, float32). "
+        f"The full L x L fp32 scores of one row's heads would be {mib(full)} MiB.",
+        "",
+        "| attention | extra peak MiB | one chunk's scores MiB | seconds |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = "plain (SDPA, no layout)" if r.chunk is None else f"modulated, chunk {r.chunk}"
+        lines.append(f"| {name} | {mib(r.extra_bytes)} | {mib(r.chunk_scores_bytes) if r.chunk else '-'} "
+                     f"| {r.seconds:.2f} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 BUSY = 0.05  # other processes using more than this fraction of the machine during a pair: "contended"
@@ -257,7 +394,7 @@ def _timed(fn: Callable[[], Tensor]) -> float:
 
 def run_case(case: Case, dtype: str, repeats: int, warmup: int, wait_idle: float, say: Callable[[str], None]) -> Result:
     a, b = case.ours().float(), case.reference().float()  # also the first warm-up call
-    max_diff = ((a - b).abs().max() / b.abs().max()).item()
+    max_diff = ((a - b).abs().max() / b.abs().max()).item() if case.same_output else None
     del a, b
     for _ in range(warmup - 1):
         case.ours(), case.reference()
@@ -290,13 +427,17 @@ def run_case(case: Case, dtype: str, repeats: int, warmup: int, wait_idle: float
 
 
 def run(
-    shape: Shape, dtypes: list[str], repeats: int, warmup: int, wait_idle: float, seed: int, say: Callable[[str], None]
+    shape: Shape, dtypes: list[str], repeats: int, warmup: int, wait_idle: float, seed: int,
+    dense_preset: str | None, say: Callable[[str], None],
 ) -> list[Result]:
     from diffusers.utils import logging
 
     say("building the diffusers transformer ...")
     theirs = diffusers_model(shape, seed)
     x, t, context, pooled = make_inputs(shape, seed + 1)
+    # classifier-free guidance puts the positive prompt in the second half of the batch
+    dense = None if dense_preset is None else dense_plan(shape.size, shape.text_tokens, dense_preset).for_call(
+        0, slice(shape.batch // 2, shape.batch))
     results: list[Result] = []
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # its `.to(dtype)` warns about modules to keep in fp32; this model has none
@@ -306,7 +447,7 @@ def run(
             dtype = DTYPES[name]
             theirs = theirs.to(dtype)
             ours = ours_from(theirs, dtype)
-            engines = Engines(ours, theirs, x.to(dtype), t, context.to(dtype), pooled.to(dtype))
+            engines = Engines(ours, theirs, x.to(dtype), t, context.to(dtype), pooled.to(dtype), dense)
             with torch.inference_mode():
                 for case in make_cases(engines):
                     results.append(run_case(case, name, repeats, warmup, wait_idle, say))
@@ -350,7 +491,8 @@ def markdown(results: list[Result]) -> str:
         rows.append(
             f"| {r.case} vs {r.reference_name} | {r.dtype} | {r.ours.median:.3f} | {r.reference.median:.3f} "
             f"| **{r.ratio:.3f}** | {r.paired_ratio:.3f} | {r.ours.min:.3f} | {r.reference.min:.3f} "
-            f"| {r.max_diff:.1e} | {r.contended}/{len(r.others_load)} |"
+            f"| {'(meant to differ)' if r.max_diff is None else f'{r.max_diff:.1e}'} "
+            f"| {r.contended}/{len(r.others_load)} |"
         )
     return "\n".join(rows)
 
@@ -358,7 +500,7 @@ def markdown(results: list[Result]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: float32,bfloat16)")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per engine (default 10)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per engine (default 20)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls per engine before timing, at least 1: its output is the check (default 1)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -370,6 +512,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wait-idle", type=float, default=0, metavar="S",
                    help="before each timed pair wait up to S s for other processes to go idle, and redo pairs they "
                         "disturbed (default 0: time at once, keep every pair, report the disturbance)")
+    p.add_argument("--dense-preset", default="faithful", choices=["faithful", "joint", "hard", "none"],
+                   help="also time a DenseDiffusion-modulated step against our plain one, with this preset "
+                        "(default faithful; none: skip)")
+    p.add_argument("--memory-size", type=int,
+                   help="image size of the modulated attention call whose peak memory is measured "
+                        "(default 1024; 128 with --tiny; 0: skip the memory measurement)")
+    p.add_argument("--memory-chunks", default=None,
+                   help="comma-separated query chunk sizes for the memory measurement, 'all' for every query at "
+                        "once (default 64,256,1024,all; 16,64 with --tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the environment, shape and every timing here")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -380,6 +531,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--dtypes: unknown {bad or 'empty list'}; choose from {', '.join(DTYPES)}")
     if args.repeats < 1 or args.warmup < 1 or args.blocks < 1 or args.batch < 1 or args.wait_idle < 0:
         p.error("--repeats, --warmup, --blocks and --batch must be at least 1, --wait-idle not negative")
+    args.dense_preset = None if args.dense_preset == "none" else args.dense_preset
+    if args.memory_size is None:
+        args.memory_size = 128 if args.tiny else 1024
+    try:
+        chunks = args.memory_chunks or ("16,64" if args.tiny else "64,256,1024,all")
+        args.memory_chunks = [0 if c.strip() == "all" else int(c) for c in chunks.split(",")]
+    except ValueError:
+        p.error(f"--memory-chunks: expected comma-separated integers or 'all', got {args.memory_chunks!r}")
+    if args.memory_size < 0 or any(c < 0 for c in args.memory_chunks):
+        p.error("--memory-size must be 0 (skip) or more and every --memory-chunks size at least 1 (or all)")
     return args
 
 
@@ -403,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         shape = shape_from(args)
+        memory_shape = None
+        if args.memory_size and args.dense_preset:  # the attention alone: no position table to fit
+            if args.memory_size % 16:
+                raise ValueError(f"--memory-size {args.memory_size} is not a multiple of 16")
+            memory_shape = replace(shape, size=args.memory_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -412,14 +578,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"D = {shape.num_heads} x {shape.head_dim} = {shape.num_heads * shape.head_dim}, {shape.blocks} blocks, "
           f"{shape.size}x{shape.size} ({shape.image_tokens} image + {shape.text_tokens} text tokens), "
           f"batch {shape.batch}; {args.repeats} interleaved repeats after {args.warmup} warm-up\n")
-    results = run(shape, args.dtypes, args.repeats, args.warmup, args.wait_idle, args.seed, say)
+    results = run(shape, args.dtypes, args.repeats, args.warmup, args.wait_idle, args.seed, args.dense_preset, say)
     print(markdown(results))
+    memory = attention_memory(memory_shape, args.memory_chunks, args.dense_preset, say) if memory_shape else []
+    if memory:
+        print(f"\n## Peak memory of one DenseDiffusion attention call ({args.dense_preset})\n")
+        print(memory_markdown(memory_shape, memory))
     if any(r.contended for r in results):
         print(f"\nOther processes used more than {BUSY:.0%} of the CPUs during some timed pairs: those times are "
               "inflated. Trust the paired ratio most, or run again with --wait-idle 120.")
     if args.json:
         report = {"environment": env, "shape": asdict(shape), "repeats": args.repeats, "warmup": args.warmup,
-                  "wait_idle": args.wait_idle, "results": [r.to_json() for r in results]}
+                  "wait_idle": args.wait_idle, "dense_preset": args.dense_preset,
+                  "results": [r.to_json() for r in results],
+                  "memory": {"shape": asdict(memory_shape), "calls": [asdict(m) for m in memory]} if memory else None}
         args.json.write_text(json.dumps(report, indent=2))
     return 0
 

@@ -399,31 +399,13 @@ def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
 
 
 def _vae_config(checkpoint: Checkpoint) -> VAEConfig:
-    """The VAE configuration our loader infers (`load_vae`), from the file headers and vae/config.json only.
-
-    `has_encoder` is left out (always True): only the decoder runs here, so a decoder-only file still fits.
-    """
+    """The VAE configuration our loader infers (`load_vae`), headers only. `has_encoder` is set True: only the
+    decoder runs here, so a decoder-only file still fits diffusers' AutoencoderKL."""
     from dataclasses import replace
 
-    from loaders.checkpoint import VAE_PREFIX
-    from loaders.safetensors import CheckpointError, read_shapes, weight_files
-    from loaders.vae_keys import vae_config_from_diffusers, vae_from_diffusers
-    from mmdit.vae import VAEConfig
+    from loaders.checkpoint import vae_config
 
-    if checkpoint.single_file:
-        shapes = read_shapes(checkpoint.path, VAE_PREFIX)
-        if not shapes:
-            raise CheckpointError(
-                f"{checkpoint.path}: no VAE inside (no '{VAE_PREFIX}' tensors); the VAE and PNG rows need one")
-        config = VAEConfig.from_state_dict(_meta(shapes))  # SD3's latent scale and shift are the defaults
-    else:
-        folder = checkpoint.path / "vae"
-        file = folder / "config.json"
-        found = vae_config_from_diffusers(json.loads(file.read_text()) if file.is_file() else {})
-        config = VAEConfig.from_state_dict(vae_from_diffusers(_meta(read_shapes(weight_files(folder)))),
-                                           norm_groups=found.norm_groups, scaling_factor=found.scaling_factor,
-                                           shift_factor=found.shift_factor)
-    return replace(config, has_encoder=True)
+    return replace(vae_config(checkpoint), has_encoder=True)
 
 
 def _text_config(where: EncoderFile, activation: str | None) -> object:

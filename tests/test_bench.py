@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from scripts.bench import main
+from scripts.bench import Shape, attention_memory, main
 
 
 @pytest.fixture
@@ -26,20 +26,48 @@ def test_tiny_bench_prints_table_and_writes_json(tmp_path, capsys, keep_threads)
     assert main(["--tiny", "--repeats", "1", "--warmup", "1", "--threads", "1", "--json", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "threads" in printed and "torch" in printed
-    table = [line for line in printed.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 2  # header, rule, one row per dtype
-    assert "| step vs diffusers | float32 |" in table[2] and "| step vs diffusers | bfloat16 |" in table[3]
+    steps, memory = printed.split("## Peak memory")
+    table = [line for line in steps.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4  # header, rule, two cases per dtype
+    assert "| step vs diffusers | float32 |" in table[2] and "| step vs diffusers | bfloat16 |" in table[4]
+    assert "| DenseDiffusion step vs our plain step | float32 |" in table[3]
+    assert "(meant to differ)" in table[3] and "(meant to differ)" in table[5]
 
     report = json.loads(out.read_text())
     assert report["environment"]["threads"] == 1
     assert report["shape"]["num_heads"] == 2 and report["shape"]["size"] == 64
-    assert [(r["case"], r["dtype"]) for r in report["results"]] == [("step", "float32"), ("step", "bfloat16")]
+    assert [(r["case"], r["dtype"]) for r in report["results"]] == [
+        ("step", "float32"), ("DenseDiffusion step", "float32"), ("step", "bfloat16"), ("DenseDiffusion step", "bfloat16")]
     for r in report["results"]:
         for engine in ("ours", "reference"):
             assert len(r[engine]["times"]) == 1 and r[engine]["median"] == r[engine]["min"] > 0
         assert r["ratio"] == pytest.approx(r["ours"]["median"] / r["reference"]["median"])
-        # same weights, same inputs: the two engines agree (a fast-but-wrong engine would show up here)
-        assert r["max_diff"] <= (1e-5 if r["dtype"] == "float32" else 2e-2)
+        if r["case"] == "step":
+            # same weights, same inputs: the two engines agree (a fast-but-wrong engine would show up here)
+            assert r["max_diff"] <= (1e-5 if r["dtype"] == "float32" else 2e-2)
+        else:
+            assert r["max_diff"] is None and r["reference_name"] == "our plain step"
+
+    # the memory table: the plain call and one row per chunk size (tiny defaults 16, 64) at 128x128
+    assert [c["chunk"] for c in report["memory"]["calls"]] == [None, 16, 64]
+    assert report["memory"]["shape"]["size"] == 128
+    assert memory.count("| modulated, chunk ") == 2 and "| plain (SDPA, no layout) |" in memory
+
+
+def test_modulated_attention_memory_is_bounded_by_the_chunk():
+    """One modulated call over 4096 + 9 tokens: with 64-query chunks it needs a small fraction of the full
+    L x L scores; with one chunk holding every query it needs at least those scores. Measured by the bench's
+    own peak-memory probe (Linux /proc), each call in a fresh process."""
+    shape = Shape(blocks=1, num_heads=2, head_dim=16, context_dim=64, pooled_dim=48, pos_embed_max_size=16,
+                  size=1024, text_tokens=9, batch=2)
+    L = shape.image_tokens + shape.text_tokens
+    full = shape.num_heads * L * L * 4  # one row's fp32 scores, 135 MB
+    plain, chunked, unchunked = attention_memory(shape, [64, 0], "faithful", lambda s: None)  # 0: all at once
+    assert plain.chunk is None and chunked.chunk == 64 and unchunked.chunk == L
+    assert chunked.chunk_scores_bytes == shape.num_heads * 64 * L * 4
+    assert chunked.extra_bytes < full / 4, (chunked, full)
+    assert chunked.extra_bytes >= chunked.chunk_scores_bytes  # the probe does see the chunk's scores
+    assert unchunked.extra_bytes >= full, (unchunked, full)
 
 
 def test_bad_arguments_are_refused(capsys):

@@ -14,6 +14,7 @@ from dense import (CLIP_TOKENS, PRESETS, AttentionMaps, DenseConfig, DensePlan, 
                    PhraseMatch, RegionTokens, active_steps, assign_tokens, box_mask, layout_prompt, map_to_image,
                    match_phrase, parse_layout, read_layout, region_masks, replace_phrase_embeddings,
                    resize_nearest, step_lambdas, text_classes)
+from mmdit.attention import attention
 
 INF = float("inf")
 
@@ -247,7 +248,7 @@ def test_for_call_window_and_plain_path():
     plan = tiny_plan(PRESETS["faithful"])  # 3 steps -> round(0.9) = 1 active step
     assert plan.num_active == 1
     d = plan.for_call(0, slice(1, 2))
-    assert d is not None and d.rows == slice(1, 2) and d.modulating and d.chunk_size == 256
+    assert d is not None and d.rows == slice(1, 2) and d.modulating and d.chunk_size == 64
     assert plan.for_call(1, slice(1, 2)) is None
     assert tiny_plan(PRESETS["faithful"], strength=0.0).for_call(0, slice(1, 2)) is None
     # recording forces the explicit path in the window, without modulating
@@ -534,18 +535,6 @@ def test_replace_phrase_embeddings_rows_and_channels():
         replace_phrase_embeddings(context, [PhraseEncoding(enc.clip_l, enc.clip_g, enc.t5[:, :4])], [match])
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense, chunk: int) -> torch.Tensor:
-    """The lead's modulated path (mmdit/attention.py) in miniature: explicit scores, query chunk by chunk."""
-    out = torch.empty_like(q)
-    for q0 in range(0, q.shape[2], chunk):
-        q1 = min(q0 + chunk, q.shape[2])
-        s = (q[:, :, q0:q1] @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        p = dense.modulate(s, q0, q1).softmax(-1)
-        dense.record(p, q0, q1)
-        out[:, :, q0:q1] = p @ v
-    return out
-
-
 @pytest.mark.parametrize("preset", ["faithful", "joint", "hard"])
 def test_modulation_raises_in_region_fraction(preset):
     regions, matches, cls, area, g = random_layout(1)
@@ -554,7 +543,7 @@ def test_modulation_raises_in_region_fraction(preset):
     for strength in (0.0, 1.0):
         plan = DensePlan.build(regions, matches, ["a", "b", "c"], n_txt=10, sigmas=[1.0] * 10, num_steps=10,
                                shift=1.0, config=PRESETS[preset], strength=strength, record_maps=True, chunk_size=5)
-        out = explicit_attention(q, k, v, plan.for_call(0, slice(0, 1)), chunk=5)
+        out = attention(q, k, v, plan.for_call(0, slice(0, 1)))  # the model's attention, chunks of 5
         if strength == 0:
             torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
         fractions.append([r["in_region_fraction"] for r in plan.maps.to_stats()["regions"]])

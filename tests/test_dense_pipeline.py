@@ -52,6 +52,10 @@ def test_no_layout_and_strength_zero_are_bit_identical(builtin, tmp_path):
     plain, _ = run(root, tmp_path, "plain")
     zero, png = run(root, tmp_path, "zero", "--layout", str(layout), "--dense-strength", "0")
     assert torch.equal(plain, zero)
+    # recording attention maps only reads the probabilities: the generation stays the plain one
+    recorded, _ = run(root, tmp_path, "maps", "--layout", str(layout), "--dense-strength", "0",
+                      "--attention-maps", str(tmp_path / "maps"))
+    assert torch.equal(plain, recorded) and (tmp_path / "maps" / "stats.json").is_file()
     modulated, _ = run(root, tmp_path, "mod", "--layout", str(layout))
     assert not torch.equal(plain, modulated)  # so the equality above is not vacuous
     meta = read_png_metadata(png)
@@ -100,13 +104,13 @@ def test_bad_layout_fails_before_loading(builtin, tmp_path, capsys):
 
 # --- the attention function itself --------------------------------------------------------------------
 
-def _plan(n_img_side=4, n_txt=12, chunk=5):
+def _plan(n_img_side=4, n_txt=12, chunk=5, preset="joint"):
     masks = torch.stack([box_mask((0, 0, 0.5, 1), 16 * n_img_side, 16 * n_img_side),
                          box_mask((0.5, 0, 1, 1), 16 * n_img_side, 16 * n_img_side)])
     regions = assign_tokens(masks, ["left thing", "right thing"])
     matches = [PhraseMatch(clip=range(1, 3), t5=range(0)), PhraseMatch(clip=range(4, 6), t5=range(0))]
     return DensePlan.build(regions, matches, ["left thing", "right thing"], n_txt=n_txt, sigmas=[1.0, 0.5, 0.0],
-                           num_steps=2, shift=1.0, config=PRESETS["joint"], chunk_size=chunk)
+                           num_steps=2, shift=1.0, config=PRESETS[preset], chunk_size=chunk)
 
 
 def test_unmodulated_rows_are_the_plain_result_bit_for_bit():
@@ -117,6 +121,25 @@ def test_unmodulated_rows_are_the_plain_result_bit_for_bit():
     out = attention(q.clone(), k.clone(), v.clone(), dense)
     assert torch.equal(out[0], plain[0])  # the negative half
     assert not torch.allclose(out[1], plain[1], atol=1e-3)  # the positive half was modulated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_rows_bit_for_bit_at_real_head_size(dtype):
+    """At SD3's head size and a token count where the kernel splits queries and keys into several blocks: the
+    negative half, and in `faithful` the positive half's text queries (no rule touches them), come from the
+    plain kernel run on part of the batch / part of the queries, and must equal the whole-batch result."""
+    side, n_txt = 32, 77  # 1024 image + 77 text tokens
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, side * side + n_txt, 64, generator=g).to(dtype) for _ in range(3))
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    dense = _plan(n_img_side=side, n_txt=n_txt, chunk=64, preset="faithful").for_call(0, slice(1, 2))
+    assert dense.explicit_queries(q.shape[2]) == side * side  # faithful: only image queries are explicit
+    out = attention(q, k, v, dense)
+    assert torch.equal(out[0], plain[0])
+    assert torch.equal(out[1, :, side * side:], plain[1, :, side * side:])
+    assert not torch.allclose(out[1, :, :side * side].float(), plain[1, :, :side * side].float(), atol=1e-2)
+    # joint modulates phrase rows too: every positive query is explicit
+    assert _plan(preset="joint").for_call(0, slice(1, 2)).explicit_queries(28) == 28
 
 
 def test_chunked_equals_unchunked():
