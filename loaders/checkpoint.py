@@ -160,11 +160,11 @@ def vae_config(checkpoint: Checkpoint) -> VAEConfig:
 
 def load_vae(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VAE:
     """The VAE (decoder, and encoder when the file has one) in `dtype` on `device`."""
-    config = vae_config(checkpoint)
-    files, prefix, _ = _vae_source(checkpoint)
+    files, prefix, settings = _vae_source(checkpoint)
     state = read_tensors(files, prefix, device=device)
     if not checkpoint.single_file:
         state = vae_from_diffusers(state)
+    config = VAEConfig.from_state_dict(state, **settings)  # what `vae_config` infers from the headers alone
     with torch.device("meta"):
         vae = VAE(config)
     return load_weights(vae, state, what=f"VAE from {checkpoint.path}", dtype=dtype, device=device)

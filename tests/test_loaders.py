@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loaders.checkpoint import load_transformer, load_vae, locate, transformer_config, variant
+from loaders.checkpoint import load_transformer, load_vae, locate, transformer_config, vae_config, variant
 from loaders.hub import ModelSource, _patterns, download, resolve_model
 from loaders.safetensors import CheckpointError, read_tensors, weight_files
 from mmdit.model import NotSD3Error
@@ -37,6 +37,19 @@ def test_single_file_loads_in_requested_dtype(single):
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     vae = load_vae(locate(single))
     assert vae.config.latent_channels == 16
+    assert vae_config(locate(single)) == vae.config  # the headers alone give the same configuration
+
+
+def test_vae_config_from_a_diffusers_folder(tmp_path):
+    """vae/config.json's group count and latent constants, and the shapes, as `load_vae` sees them."""
+    ref = diffusers_vae()
+    ref.register_to_config(scaling_factor=1.25, shift_factor=0.5)  # not SD3's defaults: must come from the json
+    (tmp_path / "transformer").mkdir()
+    ref.save_pretrained(tmp_path / "vae")
+    checkpoint = locate(tmp_path)
+    config = vae_config(checkpoint)
+    assert (config.scaling_factor, config.shift_factor, config.norm_groups) == (1.25, 0.5, 32)
+    assert config == load_vae(checkpoint).config
 
 
 def test_missing_key_is_named(single, tmp_path):
