@@ -5,9 +5,9 @@ sequence and runs ordinary softmax attention over it; SD3.5 adds RMS normalisati
 paper's §5.3.2 "QK-normalization") to keep the attention logits bounded at scale.
 
 `attention(q, k, v)` is where the scores live. The plain path is one call to
-`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` value (dense-spec.md §5) the rows of the
-positive prompt are recomputed with explicit scores, query chunk by query chunk, and the modulation is applied to
-those scores before the softmax. Module names follow the Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
+`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` value (dense-spec.md §5) the positive prompt's
+image queries (and phrase queries, if the preset modulates them) are computed from explicit scores, query chunk
+by query chunk, and the modulation is applied to those scores before the softmax. Module names follow the Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
 """
 
 from __future__ import annotations
