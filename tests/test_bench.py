@@ -6,11 +6,15 @@ A smoke test, not a timing assertion: the numbers depend on the machine; their s
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from scripts.bench import Shape, attention_memory, main
+
+# The peak-memory probe resets Linux's peak resident size through /proc; some containers forbid that write.
+PEAK_PROBE = os.access("/proc/self/clear_refs", os.W_OK)
 
 
 @pytest.fixture
@@ -26,7 +30,7 @@ def test_tiny_bench_prints_table_and_writes_json(tmp_path, capsys, keep_threads)
     assert main(["--tiny", "--repeats", "1", "--warmup", "1", "--threads", "1", "--json", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "threads" in printed and "torch" in printed
-    steps, memory = printed.split("## Peak memory")
+    steps, _, memory = printed.partition("## Peak memory")
     table = [line for line in steps.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4  # header, rule, two cases per dtype
     assert "| step vs diffusers | float32 |" in table[2] and "| step vs diffusers | bfloat16 |" in table[4]
@@ -49,11 +53,15 @@ def test_tiny_bench_prints_table_and_writes_json(tmp_path, capsys, keep_threads)
             assert r["max_diff"] is None and r["reference_name"] == "our plain step"
 
     # the memory table: the plain call and one row per chunk size (tiny defaults 16, 64) at 128x128
+    if not PEAK_PROBE:
+        assert report["memory"] is None and not memory
+        return
     assert [c["chunk"] for c in report["memory"]["calls"]] == [None, 16, 64]
     assert report["memory"]["shape"]["size"] == 128
     assert memory.count("| modulated, chunk ") == 2 and "| plain (SDPA, no layout) |" in memory
 
 
+@pytest.mark.skipif(not PEAK_PROBE, reason="/proc/self/clear_refs is not writable here")
 def test_modulated_attention_memory_is_bounded_by_the_chunk():
     """One modulated call over 4096 + 9 tokens: with 64-query chunks it needs a small fraction of the full
     L x L scores; with one chunk holding every query it needs at least those scores. Measured by the bench's
