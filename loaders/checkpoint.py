@@ -21,7 +21,7 @@ import torch
 from mmdit.model import MMDiT, MMDiTConfig, NotSD3Error
 from mmdit.vae import VAE, VAEConfig
 
-from .safetensors import CheckpointError, load_weights, read_shapes, read_tensors, weight_files
+from .safetensors import CheckpointError, load_weights, read_meta, read_shapes, read_tensors, weight_files
 from .transformer_keys import is_diffusers_layout, transformer_from_diffusers
 from .vae_keys import vae_config_from_diffusers, vae_from_diffusers
 
@@ -99,7 +99,7 @@ def transformer_config(checkpoint: Checkpoint) -> MMDiTConfig:
     """The MM-DiT's configuration, from the file headers alone (no tensor data is read)."""
     files, prefix, num_heads = _transformer_source(checkpoint)
     # Meta tensors carry shapes only, so the key map and the config inference run before any data is read.
-    meta = _meta(read_shapes(files, prefix))
+    meta = read_meta(files, prefix)
     diffusers = is_diffusers_layout(meta)
     if diffusers:
         meta = transformer_from_diffusers(meta)
@@ -130,11 +130,6 @@ def load_transformer(
     return load_weights(model, state, what=f"MM-DiT from {checkpoint.path}", dtype=dtype, device=device)
 
 
-def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Shape-only tensors: the key maps and the config inference run on them before any data is read."""
-    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-
-
 def _vae_source(checkpoint: Checkpoint) -> tuple[list[Path], str, dict]:
     """The VAE's weight files, their key prefix, and what config.json adds to the shapes (group count, latent
     scale and shift; SD3's constants are the defaults, which the single file relies on)."""
@@ -154,7 +149,7 @@ def _vae_source(checkpoint: Checkpoint) -> tuple[list[Path], str, dict]:
 def vae_config(checkpoint: Checkpoint) -> VAEConfig:
     """The VAE's configuration, from the file headers (and vae/config.json) alone."""
     files, prefix, settings = _vae_source(checkpoint)
-    meta = _meta(read_shapes(files, prefix))
+    meta = read_meta(files, prefix)
     return VAEConfig.from_state_dict(meta if checkpoint.single_file else vae_from_diffusers(meta), **settings)
 
 

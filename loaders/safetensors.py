@@ -96,6 +96,12 @@ def read_shapes(files: Path | Sequence[Path], prefix: str = "") -> dict[str, tup
     return shapes
 
 
+def read_meta(files: Path | Sequence[Path], prefix: str = "") -> dict[str, Tensor]:
+    """Like `read_shapes`, as shape-only tensors on the meta device: key maps and config inference run on them
+    before (or without) reading any data."""
+    return {k: torch.empty(shape, device="meta") for k, shape in read_shapes(files, prefix).items()}
+
+
 def read_tensors(
     files: Path | Sequence[Path], prefix: str = "", *, device: str | torch.device = "cpu"
 ) -> dict[str, Tensor]:

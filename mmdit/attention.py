@@ -7,7 +7,8 @@ paper's §5.3.2 "QK-normalization") to keep the attention logits bounded at scal
 `attention(q, k, v)` is where the scores live. The plain path is one call to
 `F.scaled_dot_product_attention`. With a DenseDiffusion `dense` value (dense-spec.md §5) the positive prompt's
 image queries (and phrase queries, if the preset modulates them) are computed from explicit scores, query chunk
-by query chunk, and the modulation is applied to those scores before the softmax. Module names follow the Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
+by query chunk, and the modulation is applied to those scores before the softmax. Module names follow the
+Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
 """
 
 from __future__ import annotations

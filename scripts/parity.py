@@ -393,11 +393,6 @@ def run(args: argparse.Namespace, say: Callable[..., None]) -> Report:
 # ------------------------------------------------------------------------------------------------ architecture
 
 
-def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """Shape-only tensors: the key maps and config inference run on them without reading any data."""
-    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
-
-
 def _vae_config(checkpoint: Checkpoint) -> VAEConfig:
     """The VAE configuration our loader infers (`load_vae`), headers only. `has_encoder` is set True: only the
     decoder runs here, so a decoder-only file still fits diffusers' AutoencoderKL."""
@@ -412,7 +407,7 @@ def _text_config(where: EncoderFile, activation: str | None) -> object:
     """A text encoder's CLIPConfig (activation given) or T5Config (None) as our loaders infer it, headers only."""
     from dataclasses import replace
 
-    from loaders.safetensors import read_shapes, weight_files
+    from loaders.safetensors import read_meta, weight_files
     from loaders.text_encoder_keys import (
         TextEncoderJson, clip_pooling_rule, clip_state_dict, read_text_encoder_json, t5_state_dict,
     )
@@ -422,15 +417,15 @@ def _text_config(where: EncoderFile, activation: str | None) -> object:
     folder = where.path.is_dir()
     if folder:
         stated = read_text_encoder_json(where.path) if (where.path / "config.json").is_file() else TextEncoderJson()
-        shapes = read_shapes(weight_files(where.path))
+        meta = read_meta(weight_files(where.path))
     else:
-        stated, shapes = TextEncoderJson(), read_shapes(where.path, where.prefix)
+        stated, meta = TextEncoderJson(), read_meta(where.path, where.prefix)
     if activation is None:
-        cfg = T5Config.from_state_dict(t5_state_dict(_meta(shapes)), stated.num_heads,
+        cfg = T5Config.from_state_dict(t5_state_dict(meta), stated.num_heads,
                                        max_distance=stated.max_distance if stated.max_distance is not None else 128)
     else:
         # SD3's CLIP-L projection is the identity for Stability files (see loaders.text_encoder_keys).
-        state = clip_state_dict(_meta(shapes), identity_projection=activation == "quick_gelu" and not folder)
+        state = clip_state_dict(meta, identity_projection=activation == "quick_gelu" and not folder)
         cfg = CLIPConfig.from_state_dict(state, activation=activation, num_heads=stated.num_heads,
                                          eos_token_id=clip_pooling_rule(stated.eos_token_id))
     return cfg if stated.eps is None else replace(cfg, eps=stated.eps)
