@@ -1,4 +1,4 @@
-"""DenseDiffusion layout control inside SD3's joint attention (dense-spec.md).
+"""DenseDiffusion layout control inside SD3's joint attention (docs/densediffusion.md).
 
 How the pieces fit, for one generation (the pipeline / CLI does the tokenizing and encoding):
 

@@ -1,4 +1,4 @@
-"""The layout file: which phrase of the prompt goes where in the image (dense-spec.md §1).
+"""The layout file: which phrase of the prompt goes where in the image (docs/densediffusion.md §2).
 
 A layout is a small JSON file::
 
@@ -28,12 +28,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmdit.errors import InputError
+
 MAX_REGIONS = 16
 LAYOUT_KEYS = ("prompt", "regions")
 REGION_KEYS = ("phrase", "mask", "box")
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError):
     """Anything wrong with a layout: the file, a region, a mask, or a phrase that is not in the prompt."""
 
 

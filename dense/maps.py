@@ -1,4 +1,4 @@
-"""Image→phrase attention maps and the in-region statistic (dense-spec.md §7).
+"""Image→phrase attention maps and the in-region statistic (docs/densediffusion.md §10).
 
 For each region n with words of its own, the map is how much probability each image token's query puts
 on phrase n's text tokens (summed over the phrase's tokens, CLIP and T5 copies), averaged over heads, the

@@ -1,4 +1,4 @@
-"""DenseDiffusion's attention-score modulation inside SD3's joint attention (dense-spec.md §5, §6).
+"""DenseDiffusion's attention-score modulation inside SD3's joint attention (docs/densediffusion.md §6, §8).
 
 DenseDiffusion (Kim et al. 2023, naver-ai/DenseDiffusion) steers a pretrained model with a layout by
 editing attention scores before the softmax. SD3 has one joint attention over [image tokens; text tokens]
@@ -25,7 +25,7 @@ How it is computed. Within key block B, with W_qk = c on R ∪ Q keys and 0 on n
     s' = (1 − W)·s + W·m_B + (c·R)·(M_B − m_B)
 
 (a Q key gets s + c(m − s), an R key s + c(m − s) + c(M − m) = s + c(M − s)). So a modulated row is a
-temperature change plus a bias on its positive keys, as in DenseDiffusion's closed form (background §1.4).
+temperature change plus a bias on its positive keys, as in DenseDiffusion's closed form (docs/densediffusion.md §8).
 On the image block W·m_I = c_I·m_I is one number per row; soft mode leaves it out, i.e. `modulate`
 returns s' − c_I(q)·m_I(q), which has the same softmax and saves a pass over the largest block.
 W and c·R are (chunk, L) tables shared by every head and batch row (H times smaller than the scores), so
@@ -44,11 +44,12 @@ from torch import Tensor
 from dense.maps import AttentionMaps
 from dense.schedule import step_lambdas
 from dense.tokens import PhraseMatch, RegionTokens, text_classes
+from mmdit.errors import InputError
 
 
 @dataclass(frozen=True)
 class DenseConfig:
-    """Weights of the four quadrants and the schedule constants (dense-spec.md §5)."""
+    """Weights of the four quadrants and the schedule constants (docs/densediffusion.md §6, §7)."""
 
     w_ii: float = 0.3  # image -> image (DenseDiffusion's self-attention weight)
     w_it: float = 1.0  # image -> text (DenseDiffusion's cross-attention weight)
@@ -275,7 +276,7 @@ class DensePlan:
             raise ValueError(f"need one phrase match and one phrase per region ({R}), "
                              f"got {len(matches)} and {len(phrases)}")
         if strength < 0:
-            raise ValueError(f"strength must be >= 0, got {strength}")
+            raise InputError(f"strength must be >= 0, got {strength}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         text_class = text_classes(matches, n_txt, phrases)

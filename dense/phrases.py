@@ -1,4 +1,4 @@
-"""Phrase-embedding replacement, DenseDiffusion's "dense caption" trick (dense-spec.md §4).
+"""Phrase-embedding replacement, DenseDiffusion's "dense caption" trick (docs/densediffusion.md §5).
 
 In a full caption the text encoders mix every word with its neighbours ("a red rose ... a blue ocean"
 leaks red into the ocean). DenseDiffusion therefore encodes every phrase on its own and pastes those

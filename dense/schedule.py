@@ -1,4 +1,4 @@
-"""When and how strongly the layout acts during sampling (dense-spec.md §5, "Schedule").
+"""When and how strongly the layout acts during sampling (docs/densediffusion.md §7).
 
 DenseDiffusion modulates only the first 30% of the steps, with a weight (t/1000)^5 that starts near 1
 and decays fast: the layout matters while the composition forms and is released for the details. SD3's

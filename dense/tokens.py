@@ -1,9 +1,9 @@
 """From a layout to token labels: which region each image token and each text token belongs to.
 
-* Image tokens (dense-spec.md §2): SD3 patchifies the latent 2×2, and the VAE downsamples 8×, so each
+* Image tokens (docs/densediffusion.md §3): SD3 patchifies the latent 2×2, and the VAE downsamples 8×, so each
   image token is a 16×16-pixel cell, row-major over the (H/16) × (W/16) grid. A token belongs to the
   region that covers most of its cell, if that region covers at least half of it.
-* Text tokens (dense-spec.md §3): the joint sequence's text part is 77 CLIP positions followed by the
+* Text tokens (docs/densediffusion.md §4): the joint sequence's text part is 77 CLIP positions followed by the
   T5 positions. A phrase is located by exact token-id subsequence match, separately in each part,
   because the two tokenizers split words differently (and CLIP truncates at 77 tokens, T5 later).
 
@@ -20,13 +20,14 @@ import torch
 from torch import Tensor
 
 from dense.layout import LayoutError, region_name
+from mmdit.errors import InputError
 
 CELL = 16  # pixels per image token side: VAE factor 8 × patch size 2
 CLIP_TOKENS = 77  # the CLIP part of the joint text sequence; the T5 part starts here
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Image tokens -> regions (§2)
+# Image tokens -> regions (docs/densediffusion.md §3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +53,7 @@ def assign_tokens(masks: Tensor, phrases: Sequence[str] | None = None) -> Region
     """
     R, H, W = masks.shape
     if H % CELL or W % CELL:
-        raise ValueError(f"the image size {W}×{H} must be a multiple of {CELL} pixels in both directions")
+        raise InputError(f"the image size {W}×{H} must be a multiple of {CELL} pixels in both directions")
     h, w = H // CELL, W // CELL
     # integer pixel counts per cell keep the 0.5 threshold and the ties exact
     counts = masks.reshape(R, h, CELL, w, CELL).sum(dim=(2, 4), dtype=torch.int64).reshape(R, h * w)  # (R, N_img)
@@ -73,7 +74,7 @@ def assign_tokens(masks: Tensor, phrases: Sequence[str] | None = None) -> Region
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Phrases -> text positions (§3)
+# Phrases -> text positions (docs/densediffusion.md §4)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ repositories, so that the same loading code (`loaders.tokenizers`) serves both:
   (pad 0 ``<pad>``, eos 1 ``</s>``, unk 2 ``<unk>``, no bos, 100 ``<extra_id_k>`` added on load).
 
 Both models are trained here, deterministically, on `TRAINING_TEXT`, a few paragraphs of image-prompt English.
-The recipes follow /work/shared/specs/sd3-diffusers-numerics.md §8.3:
+The recipes follow docs/numerics.md §6.3:
 
 * CLIP vocabulary order = real CLIP's: the 256 byte-level symbols in GPT-2 byte order, the same 256 symbols
   with ``</w>`` appended, one token per merge (in merge order), then ``<|startoftext|>`` and ``<|endoftext|>``
@@ -117,6 +117,11 @@ beautiful day, isn't it?" "Don't forget the red umbrella." "There are 3 apples a
 view!!" "The girl's dress is blue; the boy's shirt is green." "I'd like a house with a red door, a white
 fence & a big tree." "We're at the top of the hill -- look at the city lights." "They'll paint it gold."
 "You've never seen a purple cow (or have you?)." "I'm drawing a map: north, south, east and west."
+
+Shapes, the built-in model's whole world: a red circle, a green square, a blue triangle, a yellow circle,
+a red square and a green triangle; a blue circle and a yellow square; a red triangle, a green circle, a blue
+square and a yellow triangle. Circles, squares and triangles; one circle, two squares, three triangles.
+A circle is round, a square has four sides, a triangle has three. Draw a circle, a square and a triangle.
 """
 
 

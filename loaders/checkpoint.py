@@ -2,9 +2,9 @@
 
 Two layouts are accepted, and a path decides which:
 * a Stability single file, e.g. `sd3.5_large.safetensors`: MM-DiT under `model.diffusion_model.`, VAE under
-  `first_stage_model.` (sd3-reference-and-comfyui.md §1.1);
+  `first_stage_model.` (docs/numerics.md §11.1);
 * a diffusers folder (the Hugging Face repos, or `save_pretrained` output) with `transformer/` and `vae/`, each a
-  `config.json` plus safetensors, possibly sharded (sd3-diffusers-numerics.md §7.3).
+  `config.json` plus safetensors, possibly sharded (docs/numerics.md §11.1).
 The diffusers layout goes through the key maps in `transformer_keys` / `vae_keys`; our modules only know the
 Stability names. The configuration is always inferred from tensor shapes; `config.json` only supplies what
 shapes cannot tell (the head count of a model without QK-norm, the VAE's latent scale and shift).

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmdit.errors import AccessError, MissingInputError
+
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 DIFFUSERS_PATTERNS = [
@@ -32,18 +34,18 @@ class ModelSource:
     builtin: bool = False
 
 
-def resolve_model(model: str | None, *, need_t5: bool = True, say: Callable[[str], None] = lambda s: None,
-                  cache: Path | None = None) -> ModelSource:
-    """Turn `--model` into files on disk, building the built-in model or downloading as needed."""
+def resolve_model(model: str | None, *, need_t5: bool = True, say: Callable[[str], None] = lambda s: None
+                  ) -> ModelSource:
+    """Turn `--model` into files on disk: the built-in model's, a local path, or a download."""
     if model is None:
         from .builtin import builtin_model
 
-        return ModelSource(builtin_model(cache), "builtin", builtin=True)
+        return ModelSource(builtin_model(), "builtin", builtin=True)
     path = Path(model).expanduser()
     if path.exists():
         return ModelSource(path, str(path))
     if not REPO_ID.match(model) or model.startswith((".", "/", "~")):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--model {model!r}: no such file or folder, and not a Hugging Face repo id (owner/name)"
         )
     say(f"fetching {model} from the Hugging Face Hub (only the files this run needs)")
@@ -57,7 +59,7 @@ def _patterns(files: list[str], need_t5: bool) -> list[str]:
         return [p for p in patterns if any(re.fullmatch(p.replace("*", ".*"), f) for f in files)]
     singles = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
     if not singles:
-        raise FileNotFoundError("the repo has neither a diffusers transformer/ folder nor a .safetensors file")
+        raise MissingInputError("the repo has neither a diffusers transformer/ folder nor a .safetensors file")
     # sd3_medium.safetensors over sd3_medium_incl_clips*.safetensors: encoders come from text_encoders/
     main = min(singles, key=lambda f: ("incl" in f, len(f)))
     encoders = ["text_encoders/clip_l.safetensors", "text_encoders/clip_g.safetensors"]
@@ -82,17 +84,17 @@ def download(repo_id: str, *, need_t5: bool = True) -> Path:
         patterns = _patterns(files, need_t5) if files is not None else DIFFUSERS_PATTERNS + (T5_PATTERNS if need_t5 else [])
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
     except GatedRepoError:
-        raise PermissionError(
+        raise AccessError(
             f"{repo_id} is gated. Open https://huggingface.co/{repo_id} while logged in and accept the license, "
             "then create a read token at https://huggingface.co/settings/tokens and set HF_TOKEN=<token> "
             "(or run `hf auth login`)."
         ) from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{repo_id}: no such repo on the Hugging Face Hub, or it is private and HF_TOKEN gives no access"
         ) from None
     except LocalEntryNotFoundError:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{repo_id} is not in the local cache (HF_HOME) and the Hub cannot be reached (HF_HUB_OFFLINE is set, "
             "or there is no network). Download it once with network access, or give a local path to --model."
         ) from None
@@ -100,5 +102,5 @@ def download(repo_id: str, *, need_t5: bool = True) -> Path:
         return folder
     singles = sorted(p for p in folder.glob("*.safetensors"))
     if not singles:
-        raise FileNotFoundError(f"{repo_id}: the download holds no transformer/ folder and no .safetensors file")
+        raise MissingInputError(f"{repo_id}: the download holds no transformer/ folder and no .safetensors file")
     return min(singles, key=lambda p: ("incl" in p.name, len(p.name)))

@@ -1,4 +1,4 @@
-"""A DenseDiffusion layout put to work in one generation (dense-spec.md §1-§4, §7).
+"""A DenseDiffusion layout put to work in one generation (docs/densediffusion.md §2-§5, §10).
 
 `dense` holds the pure pieces (layout checks, token assignment, phrase matching, the modulation); this module
 feeds them what only a loaded model has: the tokenizers' ids, the encoders' phrase encodings, the schedule.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dense import (PRESETS, AttentionMaps, DensePlan, Layout, PhraseEncoding, PhraseMatch, RegionTokens,
+from dense import (PRESETS, AttentionMaps, DenseConfig, DensePlan, Layout, PhraseEncoding, PhraseMatch, RegionTokens,
                    assign_tokens, map_to_image, match_phrase, region_masks, replace_phrase_embeddings)
 from dense.layout import region_name
 from mmdit.conditioning import Conditioning
@@ -37,16 +37,21 @@ class LayoutMatch:
 
     @property
     def texts_to_encode(self) -> list[str]:
-        """The non-empty phrases, each encoded alone for the embedding replacement (spec §4)."""
+        """The non-empty phrases, each encoded alone for the embedding replacement (docs/densediffusion.md §5)."""
         return [p for p in self.phrases if p]
 
 
 def match_layout(layout: Layout, prompt: str, files: TextFiles, *, height: int, width: int,
-                 max_sequence_length: int) -> LayoutMatch:
+                 max_sequence_length: int, keep: dict | None = None) -> LayoutMatch:
+    """`keep`: the caller's cache of loaded tokenizers (as `loaders.text.encode_texts` fills it), if any."""
     phrases = [r.phrase for r in layout.regions]
     regions = assign_tokens(region_masks(layout, height, width), phrases)
-    clip = ClipTokenizer.from_folder(files.tokenizer)  # CLIP-G shares the BPE; CLIP-L pads with EOS
-    t5 = T5Tokenizer.from_folder(files.tokenizer_3) if files.tokenizer_3 is not None else None
+    keep = keep if keep is not None else {}
+    # CLIP-G shares the BPE; CLIP-L pads with EOS
+    clip = keep.get("tokenizer") or ClipTokenizer.from_folder(files.tokenizer)
+    t5 = None
+    if files.tokenizer_3 is not None:
+        t5 = keep.get("tokenizer_3") or T5Tokenizer.from_folder(files.tokenizer_3)
     prompt_clip = clip.encode([prompt], CLIP_TOKENS).ids[0].tolist()
     prompt_t5 = t5.encode([prompt], max_sequence_length).ids[0].tolist() if t5 is not None else None
     matches = [
@@ -68,7 +73,7 @@ def plan_layout(
     steps: int,
     shift: float,
     strength: float,
-    preset: str,
+    preset: str | DenseConfig,
     record_maps: bool,
     max_sequence_length: int,
     device: torch.device | str,
@@ -76,7 +81,7 @@ def plan_layout(
     """The positive conditioning with the phrase rows replaced, and the plan for the attention.
 
     Strength 0 without maps returns the conditioning untouched and no plan: the plain path, bit for bit
-    (spec §6). Strength 0 with maps records through the explicit attention without modulating.
+    (docs/densediffusion.md §9). Strength 0 with maps records through the explicit attention without modulating.
     """
     positive = encoded.positive
     if strength > 0 and encoded.phrases is not None:
@@ -95,16 +100,18 @@ def plan_layout(
         return positive, None
     plan = DensePlan.build(
         match.regions, match.matches, match.phrases, n_txt=CLIP_TOKENS + max_sequence_length,
-        sigmas=sigmas(steps, shift).tolist(), num_steps=steps, shift=shift, config=PRESETS[preset],
+        sigmas=sigmas(steps, shift).tolist(), num_steps=steps, shift=shift,
+        config=PRESETS[preset] if isinstance(preset, str) else preset,
         strength=strength, record_maps=record_maps, device=device,
     )
     return positive, plan
 
 
-def save_attention_maps(folder: Path, maps: AttentionMaps, size: tuple[int, int]) -> list[Path]:
-    """`region_<n>.png` per recorded region and `stats.json` (spec §7). Returns the files written."""
+def save_attention_maps(folder: str | Path, maps: AttentionMaps, size: tuple[int, int]) -> list[Path]:
+    """`region_<n>.png` per recorded region and `stats.json` (docs/densediffusion.md §10); returns their paths."""
     from PIL import Image
 
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for n, attention in maps.region_maps().items():

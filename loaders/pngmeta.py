@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from mmdit.errors import InputError
+
 JSON_KEY = "sd3_minimal"
 
 
@@ -55,5 +57,5 @@ def read_png_metadata(path: Path) -> dict[str, Any]:
     with Image.open(path) as im:
         text = dict(im.text)
     if JSON_KEY not in text:
-        raise ValueError(f"{path} carries no {JSON_KEY} metadata")
+        raise InputError(f"{path} carries no {JSON_KEY} metadata")
     return {**json.loads(text[JSON_KEY]), "parameters": text.get("parameters", "")}

@@ -3,7 +3,7 @@
 Only safetensors: a checkpoint never runs code on load, so nothing here ever unpickles. Every problem is a
 `CheckpointError` that names the file or the key and says what was expected.
 
-The loading recipe (style guide §A.4 rule 8, as in the FLUX reference): build the module under
+The loading recipe (as in black-forest-labs/flux's `load_flow_model`): build the module under
 `torch.device("meta")` (no memory, no random init), read the tensors, cast each one once to the requested
 dtype and device, and hand them to `load_state_dict(strict=True, assign=True)` so the module's parameters
 *are* those tensors: no second copy of the weights.
@@ -19,10 +19,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from mmdit.errors import InputError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A weight file is missing, unreadable, of the wrong kind, or does not fit the model."""
 
 

@@ -1,6 +1,6 @@
 """Prompts -> conditioning: finding the tokenizers and text encoders of a model, and running them.
 
-diffusers' `StableDiffusion3Pipeline.encode_prompt` (sd3-diffusers-numerics.md §4.2) is reproduced here from
+diffusers' `StableDiffusion3Pipeline.encode_prompt` (docs/numerics.md §7) is reproduced here from
 its parts: tokenizers (`loaders.tokenizers`), encoders (`mmdit.clip`, `mmdit.t5`) and the assembly
 (`mmdit.conditioning.assemble`). Precomputed embeddings (`--prompt-embeds`) also come in here.
 """
@@ -17,8 +17,9 @@ from torch import Tensor
 
 from mmdit.clip import CLIPOutput
 from mmdit.conditioning import Conditioning, assemble, repeat_for_images
+from mmdit.errors import InputError, MissingInputError
 
-from .safetensors import CheckpointError, read_shapes
+from .safetensors import read_shapes
 from .text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
 from .tokenizers import ClipTokenizer, T5Tokenizer
 
@@ -38,12 +39,12 @@ def conditioning_from_embeds(
     missing = [k for k in needed if k not in embeds]
     if missing:
         hint = " (classifier-free guidance is on: add the negative embeddings, or use --cfg 1)" if cfg_on else ""
-        raise ValueError(f"{where} lacks {missing}; it has {sorted(embeds)}{hint}")
+        raise InputError(f"{where} lacks {missing}; it has {sorted(embeds)}{hint}")
 
     def make(context_key: str, pooled_key: str) -> Conditioning:
         context, pooled = embeds[context_key], embeds[pooled_key]
         if context.ndim != 3 or pooled.ndim != 2 or context.shape[0] != pooled.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"{where}: {context_key} must be (B, L, D) and {pooled_key} (B, P) with the same B; "
                 f"got {tuple(context.shape)} and {tuple(pooled.shape)}"
             )
@@ -54,7 +55,7 @@ def conditioning_from_embeds(
     if negative is not None and (
         negative.context.shape != positive.context.shape or negative.pooled.shape != positive.pooled.shape
     ):
-        raise ValueError(f"{where}: the negative embeddings' shapes differ from the positive ones")
+        raise InputError(f"{where}: the negative embeddings' shapes differ from the positive ones")
     return positive, negative
 
 
@@ -82,7 +83,7 @@ def _tokenizer_root(default: Path, override: Path | None, model: Path) -> Path:
     root = override if override is not None else default
     missing = [n for n in ("tokenizer", "tokenizer_2") if not (root / n).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no {' / '.join(missing)} folder in {root} for {model}; pass --tokenizers DIR, a folder holding "
             "tokenizer/, tokenizer_2/ and tokenizer_3/ (the official repos ship them beside the weights)"
         )
@@ -97,7 +98,7 @@ def find_text_files(model: Path, *, use_t5: bool = True, tokenizers: Path | None
         missing = [n for n in ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if use_t5 else ())
                    if not (model / n).is_dir()]
         if missing:
-            raise FileNotFoundError(f"{model} lacks {missing}; download them too" +
+            raise MissingInputError(f"{model} lacks {missing}; download them too" +
                                     (" (or pass --no-t5 to run without T5)" if missing == ["text_encoder_3"] else ""))
         t5 = EncoderFile(model / "text_encoder_3") if use_t5 else None
         return TextFiles(EncoderFile(model / "text_encoder"), EncoderFile(model / "text_encoder_2"), t5,
@@ -115,12 +116,12 @@ def find_text_files(model: Path, *, use_t5: bool = True, tokenizers: Path | None
                        if (folder / n).is_file()), EncoderFile(folder / "t5xxl_fp16.safetensors"))
     missing = [str(f.path) for f in (clip_l, clip_g, t5) if f is not None and not f.path.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"text encoders for {model.name} not found: {missing}. Download text_encoders/ from the same repo "
             "into the folder beside the model file" + (", or pass --no-t5 to run without T5" if use_t5 else "")
         )
     if use_t5 and t5 is None:
-        raise FileNotFoundError(f"{model} carries CLIP but no T5; pass --no-t5")
+        raise MissingInputError(f"{model} carries CLIP but no T5; pass --no-t5")
     return TextFiles(clip_l, clip_g, t5, root / "tokenizer", root / "tokenizer_2", root / "tokenizer_3" if use_t5 else None)
 
 
@@ -152,8 +153,8 @@ class EncodedPrompts:
     phrases: Encoded | None = None  # the extra texts' encodings, when asked for
 
 
-def _free(module) -> None:
-    del module
+def _release_memory() -> None:
+    """Return freed memory now (call it after the last reference to a module is gone)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -166,16 +167,27 @@ def encode_texts(
     max_sequence_length: int = 256,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    keep: dict | None = None,
 ) -> tuple[list[Encoded], list[str], PromptTokens]:
     """Run every group of texts through CLIP-L, CLIP-G and T5, one encoder in memory at a time.
 
     Each group is one encoder call, as diffusers encodes the prompts and the negative prompts separately.
     Returns the encodings per group, the truncation messages of group 0, and group 0's first prompt's ids.
+    With `keep` (a dict owned by the caller) the tokenizers and encoders are loaded once, kept in it and
+    reused by later calls, instead of being loaded and freed each time.
     """
     notes: list[str] = []
     outputs: dict[str, list] = {}
-    tok_l, tok_g = ClipTokenizer.from_folder(files.tokenizer), ClipTokenizer.from_folder(files.tokenizer_2)
-    tok_t5 = T5Tokenizer.from_folder(files.tokenizer_3) if files.t5 is not None else None
+    cache = keep if keep is not None else {}
+
+    def kept(key: str, make):
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    tok_l = kept("tokenizer", lambda: ClipTokenizer.from_folder(files.tokenizer))
+    tok_g = kept("tokenizer_2", lambda: ClipTokenizer.from_folder(files.tokenizer_2))
+    tok_t5 = kept("tokenizer_3", lambda: T5Tokenizer.from_folder(files.tokenizer_3)) if files.t5 is not None else None
     first_ids: dict[str, list[int]] = {}
     stages = [("CLIP-L", tok_l, 77, files.clip_l, "quick_gelu"), ("CLIP-G", tok_g, 77, files.clip_g, "gelu")]
     if files.t5 is not None:
@@ -186,13 +198,21 @@ def encode_texts(
             if cut:
                 notes.append(f"{name} keeps {length} tokens: the end of the prompt {text!r} was cut: {cut!r}")
         first_ids[name] = tokens[0].ids[0].tolist()
-        if activation is None:
+        if name in cache:
+            encoder = cache[name]
+        elif activation is None:
             encoder = load_t5(where.path, prefix=where.prefix, dtype=dtype, device=device)
         else:
             encoder = load_clip(where.path, prefix=where.prefix, activation=activation, dtype=dtype, device=device)
         with torch.inference_mode():
             outputs[name] = [encoder(t.ids.to(device)) for t in tokens]
-        _free(encoder)
+        if keep is not None:
+            keep[name] = encoder
+        # Drop our only reference before the next encoder is loaded, so one encoder is in memory at a time
+        # (a helper that `del`s its own argument would leave this name holding it).
+        del encoder
+        if keep is None:
+            _release_memory()
     encoded = [
         Encoded(outputs["CLIP-L"][i], outputs["CLIP-G"][i], outputs["T5"][i] if "T5" in outputs else None)
         for i in range(len(groups))
@@ -212,6 +232,7 @@ def encode_prompts(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     extra_texts: list[str] | None = None,
+    keep: dict | None = None,
 ) -> EncodedPrompts:
     """diffusers' `encode_prompt`: positive (and negative, for CFG) conditioning, each prompt `num_images` times.
 
@@ -222,7 +243,7 @@ def encode_prompts(
     if extra_texts:
         groups.append(extra_texts)
     encoded, notes, ids = encode_texts(files, groups, max_sequence_length=max_sequence_length, dtype=dtype,
-                                       device=device)
+                                       device=device, keep=keep)
     length = max_sequence_length
 
     def conditioning(e: Encoded) -> Conditioning:

@@ -1,6 +1,6 @@
 """The three SD3 text encoders from the official files: key maps, config.json, and loading.
 
-Layouts accepted (sd3-diffusers-numerics.md §6.1-6.2, §7.3; sd3-reference-and-comfyui.md §1.5, §5.3):
+Layouts accepted (docs/numerics.md §11.1, §11.4):
 * diffusers folders: `text_encoder/` (CLIP-L), `text_encoder_2/` (CLIP-G), both transformers
   `CLIPTextModelWithProjection` (`text_model.*` + `text_projection.weight`), and `text_encoder_3/`
   (`T5EncoderModel`, usually sharded with an index), each with a `config.json`;
@@ -154,15 +154,18 @@ def t5_state_dict(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # -------------------------------------------------------------------------------------------- loading
 
 
-def _sources(files: str | Path | Sequence[str | Path]) -> tuple[list[Path], TextEncoderJson | None]:
-    """Weight files, and config.json values for a component folder (None: Stability file(s), not a folder)."""
+def _sources(files: str | Path | Sequence[str | Path]) -> tuple[list[Path], TextEncoderJson | None, bool]:
+    """Weight files, their config.json values (None: none found), and whether they came as a component folder."""
     if isinstance(files, (str, Path)):
         path = Path(files).expanduser()
         if path.is_dir():
             config = read_text_encoder_json(path) if (path / "config.json").is_file() else TextEncoderJson()
-            return weight_files(path), config
-        return [path], None
-    return [Path(f).expanduser() for f in files], None
+            return weight_files(path), config, True
+        # A Stability single file carries no config; a transformers config saved beside it as <name>.json
+        # supplies what the weights cannot say (e.g. the heads of a CLIP whose width is not a multiple of 64).
+        sidecar = path.with_suffix(".json")
+        return [path], read_text_encoder_json(sidecar) if sidecar.is_file() else None, False
+    return [Path(f).expanduser() for f in files], None, False
 
 
 def _describe(paths: list[Path], prefix: str) -> str:
@@ -201,8 +204,8 @@ def load_clip(
     Heads: `num_heads`, else config.json, else width // 64. Pooling rule: config.json's eos_token_id (see
     `clip_pooling_rule`), else argmax.
     """
-    paths, folder_config = _sources(files)
-    config = folder_config or TextEncoderJson()
+    paths, found, folder = _sources(files)
+    config = found or TextEncoderJson()
     what = f"CLIP text encoder from {_describe(paths, prefix)}"
     if config.activation is not None and config.activation != activation:
         raise CheckpointError(
@@ -214,7 +217,7 @@ def load_clip(
     markers = ("text_model.encoder.layers.0.mlp.fc1.weight", "encoder.layers.0.mlp.fc1.weight")
     _check_found(read_shapes(paths, prefix), markers, paths, prefix, "CLIP text-model")
     raw = read_tensors(paths, prefix, device=device)
-    state = clip_state_dict(raw, identity_projection=activation == "quick_gelu" and folder_config is None)
+    state = clip_state_dict(raw, identity_projection=activation == "quick_gelu" and not folder)
     try:
         cfg = CLIPConfig.from_state_dict(
             state,
@@ -225,7 +228,11 @@ def load_clip(
         if config.eps is not None:
             cfg = replace(cfg, eps=config.eps)
     except ValueError as e:
-        raise CheckpointError(f"{what}: {e}") from None
+        fix = ""
+        if "multiple of 64" in str(e):
+            where = paths[0].parent / "config.json" if folder else paths[0].with_suffix(".json")
+            fix = f"; write its transformers config.json (with num_attention_heads) to {where}"
+        raise CheckpointError(f"{what}: {e}{fix}") from None
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
     return load_weights(model, state, what=what, dtype=dtype, device=device)
@@ -252,7 +259,7 @@ def load_t5(
     or shards; `prefix`: T5_PREFIX for a combined checkpoint. The head count comes from the weights (the
     relative-attention table); `num_heads` and config.json are only checked against it.
     """
-    paths, config = _sources(files)
+    paths, config, _ = _sources(files)
     config = config or TextEncoderJson()
     what = f"T5 encoder from {_describe(paths, prefix)}"
     if config.activation is not None and config.activation != "gated-gelu":

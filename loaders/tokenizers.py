@@ -1,7 +1,7 @@
 """CLIP and T5 tokenizers with the same ids as the transformers 5 tokenizers that diffusers uses.
 
-Spec: /work/shared/specs/sd3-diffusers-numerics.md §7.1 (CLIPTokenizer), §7.2 (T5TokenizerFast), §4.2 (how the
-SD3 pipeline calls them: pad to "max_length", truncate, special tokens on).
+Behaviour: docs/numerics.md §6.1 (CLIPTokenizer), §6.2 (T5TokenizerFast), and §6 for how
+`StableDiffusion3Pipeline.encode_prompt` calls them: pad to "max_length", truncate, special tokens on.
 
 All tokenization runs in the `tokenizers` library (byte-level BPE for CLIP, Unigram for T5); this module only
 assembles the pipeline from the files the official repositories ship:
@@ -45,6 +45,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE, Unigram
 from torch import Tensor
 
+from mmdit.errors import InputError
+
 __all__ = [
     "ClipTokenizer",
     "T5Tokenizer",
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer folder is missing files or holds files we cannot use."""
 
 
@@ -307,7 +309,7 @@ def _read_clip_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]],
 
 
 class ClipTokenizer(_Tokenizer):
-    """CLIP byte-level BPE tokenizer, the ids of transformers 5 ``CLIPTokenizer`` (§7.1).
+    """CLIP byte-level BPE tokenizer, the ids of transformers 5 ``CLIPTokenizer`` (docs/numerics.md §6.1).
 
     ``encode(prompts, 77)`` gives ``<|startoftext|>`` + at most 75 tokens + ``<|endoftext|>`` + pad ids.
     """
@@ -502,7 +504,8 @@ def _find_precompiled_charsmap(normalizer: dict | None) -> bytes | None:
 
 
 class T5Tokenizer(_Tokenizer):
-    """T5 SentencePiece-unigram tokenizer, the ids of transformers 5 ``T5TokenizerFast`` / ``T5Tokenizer`` (§7.2).
+    """T5 SentencePiece-unigram tokenizer, the ids of transformers 5 ``T5TokenizerFast`` / ``T5Tokenizer``
+    (docs/numerics.md §6.2).
 
     ``encode(prompts, max_sequence_length)`` gives the pieces, then ``</s>``, then pad ids (0).
     """

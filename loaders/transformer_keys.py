@@ -1,6 +1,7 @@
 """The one key map between diffusers' `SD3Transformer2DModel` layout and the Stability layout our MM-DiT uses.
 
-Three things differ besides the names (sd3-diffusers-numerics.md §2.3):
+Three things differ besides the names (diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`;
+docs/numerics.md §11.2):
 * diffusers splits every fused `qkv` into three linears (`to_q/to_k/to_v`, `add_{q,k,v}_proj` for text);
 * its `AdaLayerNormContinuous` (the final layer, and the text stream of the last block) chunks its output as
   (scale, shift) where Stability stores (shift, scale): those two weights have their halves swapped;

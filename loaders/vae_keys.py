@@ -1,7 +1,7 @@
 """Key names of the SD3 VAE: diffusers `AutoencoderKL` <-> Stability/LDM (our module names), and vae/config.json.
 
-The correspondence is sd3-diffusers-numerics.md §5.4–5.5 (diffusers' `convert_ldm_vae_checkpoint`, read
-backwards as well as forwards). It is written once, as a table of module paths, and used in both directions.
+The correspondence is diffusers' `convert_ldm_vae_checkpoint` (docs/numerics.md §11.3), read backwards as
+well as forwards. It is written once, as a table of module paths, and used in both directions.
 Two things are not plain renames:
 
 * Decoder levels are numbered in opposite orders: LDM by resolution (`decoder.up.0` is full resolution and

@@ -5,7 +5,7 @@ sequence and runs ordinary softmax attention over it; SD3.5 adds RMS normalisati
 paper's §5.3.2 "QK-normalization") to keep the attention logits bounded at scale.
 
 `attention(q, k, v)` is where the scores live. The plain path is one call to
-`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` value (dense-spec.md §5) the positive prompt's
+`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` value (docs/densediffusion.md §6) the positive prompt's
 image queries (and phrase queries, if the preset modulates them) are computed from explicit scores, query chunk
 by query chunk, and the modulation is applied to those scores before the softmax. Module names follow the
 Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
@@ -79,12 +79,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = No
     Lq = L, except in the last block, where only the image tokens (the first Lq) ask.
 
     With `dense` modulating, the batch rows `dense.rows` (the positive prompt) are computed from explicit
-    float32 scores that DenseDiffusion changes before the softmax (dense-spec.md §5). Only the query rows a
-    rule can touch are explicit (the image tokens, and the text tokens if the preset modulates phrase rows),
-    `dense.chunk_size` at a time, so the extra memory is (rows, H, chunk, L), never the full L × L of every
-    head. Everything else goes through the plain kernel, which computes every batch row and query on its own,
-    so those outputs are bit for bit the plain result (spec §6; tests/test_dense_pipeline.py). A `dense` that
-    only records attention maps leaves the whole output plain.
+    float32 scores that DenseDiffusion changes before the softmax (docs/densediffusion.md §6, §8). Only the
+    query rows a rule can touch are explicit (the image tokens, and the text tokens if the preset modulates
+    phrase rows), `dense.chunk_size` at a time, so the extra memory is (rows, H, chunk, L), never the full
+    L × L of every head. Everything else goes through the plain kernel, which computes every batch row and
+    query on its own, so those outputs are bit for bit the plain result (docs/densediffusion.md §9;
+    tests/test_dense_pipeline.py). A `dense` that only records attention maps leaves the whole output plain.
     """
     if dense is None or not dense.modulating:
         out = F.scaled_dot_product_attention(q, k, v)

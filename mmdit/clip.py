@@ -1,8 +1,9 @@
 """The CLIP text transformer SD3 uses twice: CLIP-L (ViT-L/14) and CLIP-G (OpenCLIP bigG/14).
 
-Implements sd3-diffusers-numerics.md §6.1 (the numerics of transformers' `CLIPTextModelWithProjection`) and
-sd3-reference-and-comfyui.md §4.2 (what the Stability reference takes out of it). Radford et al. 2021,
-"Learning Transferable Visual Models From Natural Language Supervision", §2.4 describes the text tower.
+Implements the numerics of transformers' `CLIPTextModelWithProjection` (docs/numerics.md §8.1) and what SD3
+takes out of it (docs/numerics.md §7; Stability's `SDClipModel` / `SDXLClipG` in `other_impls.py`). Radford
+et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision", §2.4 describes the text
+tower.
 
 A GPT-2 style stack of pre-LayerNorm blocks with a *causal* mask, run on 77 token ids:
 
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .errors import InputError
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -83,7 +86,8 @@ class CLIPConfig:
         num_layers = len({k[len(prefix) :].split(".")[0] for k in shape if k.startswith(prefix)})
         projection = shape.get("text_projection.weight", (width, width))  # absent: identity, see loaders
         if num_heads is None and width % 64:
-            raise ValueError(f"CLIP width {width} is not a multiple of 64: pass num_heads explicitly")
+            raise InputError(f"CLIP width {width} is not a multiple of 64, so its number of heads cannot be inferred "
+                             "(released CLIP encoders have 64-wide heads); give num_heads")
         return cls(
             vocab_size=vocab_size,
             width=width,

@@ -1,8 +1,8 @@
 """What the MM-DiT is conditioned on: the token sequence and the pooled vector.
 
-SD3 conditions every step on two tensors built from the three text encoders
-(sd3-diffusers-numerics.md §4.2): a sequence of 77 CLIP tokens followed by the T5 tokens, all 4096 wide,
-and a 2048-wide pooled vector (CLIP-L ‖ CLIP-G). They always travel together, so they are one value.
+SD3 conditions every step on two tensors built from the three text encoders (diffusers' `encode_prompt`,
+docs/numerics.md §7): a sequence of 77 CLIP tokens followed by the T5 tokens, all 4096 wide, and a 2048-wide
+pooled vector (CLIP-L ‖ CLIP-G). They always travel together, so they are one value.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Conditioning:
 def assemble(
     clip_l: CLIPOutput, clip_g: CLIPOutput, t5: Tensor | None, *, t5_length: int, context_dim: int
 ) -> Conditioning:
-    """SD3's conditioning from the three encoders' outputs, as diffusers' `encode_prompt` builds it (§4.2).
+    """SD3's conditioning from the encoders' outputs, as diffusers' `encode_prompt` builds it (docs/numerics.md §7).
 
     * context = [CLIP-L ‖ CLIP-G] penultimate states on the channel axis (both cast to CLIP-L's dtype),
       zero-padded on the right to `context_dim` channels, then the T5 tokens appended on the token axis:

@@ -1,6 +1,6 @@
 """The MM-DiT of Stable Diffusion 3 / 3.5 and its configuration, read from the weights.
 
-One class serves every released variant (sd3-reference-and-comfyui.md §1.3):
+One class serves every released variant (docs/numerics.md §9.1):
 
 | variant        | depth | D    | QK-norm | image-only attention (MMDiT-X) | position table |
 |----------------|-------|------|---------|--------------------------------|----------------|
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .block import FinalLayer, JointBlock
 from .embed import MLPEmbedder, PatchEmbed, cropped_pos_embed, timestep_frequencies
+from .errors import InputError
 
 if TYPE_CHECKING:
     from dense import DenseAttention
@@ -43,7 +44,7 @@ REQUIRED_KEYS = (
 )
 
 
-class NotSD3Error(ValueError):
+class NotSD3Error(InputError):
     """The weights are not an SD3 / SD3.5 MM-DiT."""
 
 
@@ -104,7 +105,7 @@ class MMDiTConfig:
         if num_heads is not None and num_heads != heads:
             raise ValueError(f"num_heads={num_heads} contradicts the {head_dim}-wide QK-norm weights (D={dim})")
         if heads * head_dim != dim:
-            raise ValueError(f"width {dim} does not split into {heads} heads; pass num_heads explicitly")
+            raise InputError(f"width {dim} does not split into {heads} heads; pass num_heads explicitly")
         dual = tuple(sorted(i for i in blocks if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd))
         return cls(
             depth=depth,
@@ -156,7 +157,7 @@ class MMDiT(nn.Module):
         p = self.config.patch_size
         H, W = x.shape[-2:]
         if H % p or W % p:
-            raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
+            raise InputError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
         h, w = H // p, W // p
         tokens = self.x_embedder(x)  # (B, h*w, D)
         tokens = (tokens + cropped_pos_embed(self.pos_embed, h, w)).to(tokens.dtype)

@@ -1,9 +1,9 @@
 """The T5 v1.1 encoder (google/t5-v1_1-xxl) that gives SD3 its long, 4096-wide token sequence.
 
-Implements sd3-diffusers-numerics.md §6.2 (the numerics of transformers' `T5EncoderModel`, including its
-float16 behaviour) and sd3-reference-and-comfyui.md §4.3. Raffel et al. 2020, "Exploring the Limits of Transfer
-Learning with a Unified Text-to-Text Transformer", §2.1 describes the architecture; v1.1 swaps ReLU for a gated
-GELU and unties the embeddings.
+Implements the numerics of transformers' `T5EncoderModel`, including its float16 behaviour
+(docs/numerics.md §8.2); Stability's `T5XXLModel` (`other_impls.py`) computes the same encoder. Raffel et al.
+2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer", §2.1 describes the
+architecture; v1.1 swaps ReLU for a gated GELU and unties the embeddings.
 
     h = shared[ids]                                    # no scaling, no absolute positions
     h = h + o(softmax(q k^T + bias) v)    on RMS(h)    # NO 1/sqrt(d) scaling; bias = relative-position table

@@ -1,8 +1,8 @@
 """The 16-channel KL autoencoder of SD3 / SD3.5: image <-> latent.
 
 Architecture: the LDM "KL-f8" autoencoder (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
-Diffusion Models", §3 and appendix G) widened to 16 latent channels, as described in
-sd3-diffusers-numerics.md §5.2–5.3 and sd3-reference-and-comfyui.md §1.4 / §3.8:
+Diffusion Models", §3 and appendix G) widened to 16 latent channels, as diffusers' `AutoencoderKL` and
+Stability's `SDVAE` (`sd3_impls.py`) build it for SD3 (docs/numerics.md §10):
 
 * pre-activation residual blocks GroupNorm -> SiLU -> conv3x3, twice, with a 1x1 `nin_shortcut` when the width
   changes; every GroupNorm has eps 1e-6;
@@ -15,7 +15,7 @@ checkpoint loads with `load_state_dict(strict=True)`. Decoder levels are indexed
 `decoder.up.0` is the full-resolution level and runs *last*; diffusers stores the same levels in execution
 order (`up_blocks.0` = our `up.{n-1}`), see `loaders/vae_keys.py`.
 
-The latent the MM-DiT sees is `(mean-or-sample - shift_factor) * scaling_factor` (§4.7, §4.9); `decode`
+The latent the MM-DiT sees is `(mean-or-sample - shift_factor) * scaling_factor` (docs/numerics.md §10); `decode`
 undoes it, dividing first and adding the shift second, exactly as the diffusers pipeline does.
 """
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GROUP_NORM_EPS = 1e-6  # every GroupNorm in this VAE (not PyTorch's default 1e-5)
-LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped before exp (§5.3)
+LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped before exp (docs/numerics.md §10)
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def _check_input(x: Tensor, channels: int, what: str) -> None:
 
 
 def decode(vae: VAE, latents: Tensor) -> Tensor:
-    """Diffusion latents (B, 16, h, w) -> image (B, 3, 8h, 8w) in roughly [-1, 1] (§4.7).
+    """Diffusion latents (B, 16, h, w) -> image (B, 3, 8h, 8w) in roughly [-1, 1] (docs/numerics.md §10).
 
     The un-normalisation `latents / scaling_factor + shift_factor` happens in the latents' own dtype, as in the
     diffusers pipeline (which never casts them). The result is then cast to the VAE's dtype; diffusers would
@@ -320,7 +320,7 @@ def decode(vae: VAE, latents: Tensor) -> Tensor:
 
 
 def encode(vae: VAE, image: Tensor, *, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
-    """Image (B, 3, H, W) in [-1, 1] -> diffusion latents (B, 16, H/8, W/8) (§4.9, §5.3).
+    """Image (B, 3, H, W) in [-1, 1] -> diffusion latents (B, 16, H/8, W/8) (docs/numerics.md §10).
 
     `sample=True` draws from the posterior, mean + exp(logvar / 2) · ε, with ε drawn on the generator's device
     in the VAE's dtype (diffusers' `latent_dist.sample(generator)`); `sample=False` takes the mean. The latent

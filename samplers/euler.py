@@ -1,8 +1,8 @@
 """One Euler step of the rectified-flow ODE, with diffusers' precision.
 
-Implements ``FlowMatchEulerDiscreteScheduler.step`` (sd3-diffusers-numerics.md §3.4, §10 item 16) without the
-hidden step counter: the caller passes the two noise levels. The reference's k-diffusion Euler
-(sd3-reference-and-comfyui.md §3.4) is the same update up to rounding.
+Implements ``FlowMatchEulerDiscreteScheduler.step`` (docs/numerics.md §3) without the hidden step counter: the
+caller passes the two noise levels. Stability's k-diffusion Euler (``sample_euler`` in ``sd3_impls.py``) is the
+same update up to rounding.
 
 The latent moves along ``dx/dσ = v`` from ``σ`` to ``σ_next < σ``: ``x_next = x + (σ_next − σ)·v``. On the
 final step ``σ_next = 0``, so ``x_next = x − σ·v``, which is exactly the model's estimate of the clean latent.

@@ -1,8 +1,8 @@
 """Classifier-free guidance and skip-layer guidance on velocities.
 
-Implements the guidance arithmetic of ``StableDiffusion3Pipeline.__call__`` (sd3-diffusers-numerics.md §4.3,
-§4.6, §10 items 14–15). Both are linear in the model outputs, so doing them on velocities (diffusers) or on x0
-predictions (the reference, sd3-reference-and-comfyui.md §3.3) is the same thing up to rounding.
+Implements the guidance arithmetic of ``StableDiffusion3Pipeline.__call__`` (docs/numerics.md §4). Both are
+linear in the model outputs, so doing them on velocities (diffusers) or on x0 predictions (Stability's
+``CFGDenoiser`` / ``SkipLayerCFGDenoiser`` in ``sd3_impls.py``) is the same thing up to rounding.
 
 * CFG (Ho & Salimans 2022): extrapolate from the unconditional (negative-prompt) prediction through the
   conditional one, ``v = v_u + g·(v_c − v_u)``. It costs a second model evaluation, done as one doubled batch,
@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from mmdit.errors import InputError
 
 
 def cfg(v_uncond: Tensor, v_cond: Tensor, scale: float) -> Tensor:
@@ -57,9 +59,9 @@ class Guidance:
         if not isinstance(self.slg_layers, tuple) or not all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.slg_layers
         ):
-            raise ValueError(f"slg_layers must be a tuple of block indices >= 0, like (7, 8, 9): {self.slg_layers!r}")
+            raise InputError(f"slg_layers must be a tuple of block indices >= 0, like (7, 8, 9): {self.slg_layers!r}")
         if not 0.0 <= self.slg_start <= self.slg_stop:
-            raise ValueError(f"need 0 <= slg_start <= slg_stop, got start={self.slg_start}, stop={self.slg_stop}")
+            raise InputError(f"need 0 <= slg_start <= slg_stop, got start={self.slg_start}, stop={self.slg_stop}")
 
     @property
     def cfg_on(self) -> bool:

@@ -1,8 +1,8 @@
 """The text-to-image sampling loop: noise in, clean latent out.
 
-Implements the denoising loop of diffusers' ``StableDiffusion3Pipeline.__call__`` (sd3-diffusers-numerics.md
-§4.3–4.6) as a pure function: the model is any callable, the schedule is a tensor, and nothing is counted
-behind the caller's back, so the same arguments always give the same result. Initial noise follows §4.4.
+Implements the denoising loop of diffusers' ``StableDiffusion3Pipeline.__call__`` (docs/numerics.md §4) as a
+pure function: the model is any callable, the schedule is a tensor, and nothing is counted behind the
+caller's back, so the same arguments always give the same result. Initial noise follows docs/numerics.md §5.
 
 Per step i, with B images:
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mmdit.conditioning import Conditioning
+from mmdit.errors import InputError
 from samplers.euler import euler_step
 from samplers.guidance import Guidance, cfg, slg, slg_active
 from samplers.schedule import timesteps
@@ -120,10 +121,10 @@ def initial_noise(
     cast and moved. Drawing on the CPU makes a seed give the same image on every device.
     """
     if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
+        raise InputError(f"batch must be at least 1, got {batch}")
     for name, size in (("height", height), ("width", width)):
         if size < 8 or size % 8:
-            raise ValueError(f"{name} must be a positive multiple of 8 pixels (16 for SD3's 2×2 patches), got {size}")
+            raise InputError(f"{name} must be a positive multiple of 8 pixels (16 for SD3's 2×2 patches), got {size}")
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (batch, channels, height // 8, width // 8)  # the VAE downsamples 8×
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -134,27 +135,27 @@ def _check_inputs(
     noise: Tensor, sigmas: Tensor, positive: Conditioning, negative: Conditioning | None, guidance: Guidance
 ) -> None:
     if noise.ndim != 4:
-        raise ValueError(f"noise must be a latent batch (B, C, h, w), got shape {tuple(noise.shape)}")
+        raise InputError(f"noise must be a latent batch (B, C, h, w), got shape {tuple(noise.shape)}")
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(
+        raise InputError(
             f"sigmas must be a 1-D schedule of N+1 >= 2 values, got shape {tuple(sigmas.shape)}; "
             "build one with samplers.sigmas(steps, shift)"
         )
     batch = noise.shape[0]
     if positive.context.shape[0] != batch or positive.pooled.shape[0] != batch:
-        raise ValueError(
+        raise InputError(
             f"positive conditioning has batch {positive.context.shape[0]} (pooled {positive.pooled.shape[0]}) "
             f"but the noise has batch {batch}; repeat the conditioning once per image"
         )
     if not guidance.cfg_on:
         return
     if negative is None:
-        raise ValueError(
+        raise InputError(
             f"guidance scale {guidance.scale} > 1 turns classifier-free guidance on, which needs a negative "
             "Conditioning (encode the negative prompt, or the empty prompt ''); or use a scale <= 1"
         )
     if negative.context.shape != positive.context.shape or negative.pooled.shape != positive.pooled.shape:
-        raise ValueError(
+        raise InputError(
             f"negative conditioning shapes context {tuple(negative.context.shape)}, pooled "
             f"{tuple(negative.pooled.shape)} must equal the positive ones {tuple(positive.context.shape)}, "
             f"{tuple(positive.pooled.shape)} (same batch and token count) to be batched together for CFG"

@@ -1,11 +1,11 @@
 """Default sampling settings for each released SD3 / SD3.5 variant.
 
-Sources (sd3-diffusers-numerics.md §3.1, §4.6): the schedule shift is the hub scheduler config (3.0 for all four
+Sources (docs/numerics.md §2, §4): the schedule shift is the hub scheduler config (3.0 for all four
 models); steps and CFG scale are the model cards' diffusers usage; the SLG recipe for SD3.5-medium is the one
 diffusers' pipeline docstring gives (layers 7, 8, 9, scale 2.8, window 0.01–0.2).
 
-Stability's reference script (sd3-reference-and-comfyui.md §3.5) ships different defaults, which we deliberately
-do not follow because our target is parity with diffusers: SD3-medium shift 1.0 / 50 steps / cfg 5.0;
+Stability's reference script (the ``CONFIGS`` table of ``sd3_infer.py``) ships different defaults, which we
+deliberately do not follow because our target is parity with diffusers: SD3-medium shift 1.0 / 50 steps / cfg 5.0;
 SD3.5-medium 50 steps / cfg 5.0 with SLG off by default (scale 2.5 when enabled); SD3.5-large 40 steps / cfg 4.5;
 Large Turbo cfg 1.0 (the reference still evaluates the negative prompt; with cfg ≤ 1 we skip it, which gives
 the same velocity up to rounding). The reference also uses DPM-Solver++(2M) for the non-turbo models; we only
@@ -28,6 +28,7 @@ class Preset:
     slg_scale: float = 2.8
     slg_start: float = 0.01
     slg_stop: float = 0.2
+    max_sequence_length: int = 256  # T5 tokens of the prompt (diffusers' default; the built-in model uses fewer)
 
     @property
     def guidance(self) -> Guidance:

@@ -1,8 +1,8 @@
 """The rectified-flow noise schedule SD3 samples with.
 
-Implements the default path of diffusers' ``FlowMatchEulerDiscreteScheduler`` (``__init__`` + ``set_timesteps``),
-specified in sd3-diffusers-numerics.md §3.1–3.3 and §3.6; it is also the reference's ``SD3Inferencer.get_sigmas``
-(sd3-reference-and-comfyui.md §3.2) up to the float64 arithmetic, and ComfyUI's "normal" scheduler.
+Implements the default path of diffusers' ``FlowMatchEulerDiscreteScheduler`` (``__init__`` + ``set_timesteps``;
+docs/numerics.md §2); it is also Stability's ``SD3Inferencer.get_sigmas`` (``sd3_infer.py``) up to the
+float64 arithmetic, and ComfyUI's "normal" scheduler.
 
 Rectified flow in three lines (Esser et al. 2024, "Scaling Rectified Flow Transformers", §2):
 
@@ -19,13 +19,15 @@ Why the low end is shifted twice: the scheduler first builds a 1000-entry traini
 ``set_timesteps`` then spaces N values linearly between ``1000·sigma_max`` and ``1000·sigma_min`` and shifts them
 *again*. σ = 1 is a fixed point of the shift, so the top is unaffected, but the last non-zero σ becomes
 ``shifted(shifted(0.001))`` ≈ 0.008929 (for a = 3), not 0.002994. This is an accident inherited from the
-reference code, yet every SD3 pipeline reproduces it, so a faithful engine must too (spec §10 item 2).
+reference code, yet every SD3 pipeline reproduces it, so a faithful engine must too (docs/numerics.md §2).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from mmdit.errors import InputError
 
 # The models were trained on t = σ·1000 with t ∈ {1, …, 1000}.
 NUM_TRAIN_TIMESTEPS = 1000
@@ -56,9 +58,9 @@ def sigmas(steps: int, shift: float) -> Tensor:
     ``scheduler.sigmas``. Step ``i`` moves the latent from ``σ_i`` to ``σ_{i+1}``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
     if not shift > 0:
-        raise ValueError(f"shift must be a positive number (SD3/SD3.5 use 3.0), got {shift!r}")
+        raise InputError(f"shift must be a positive number (SD3/SD3.5 use 3.0), got {shift!r}")
 
     # The end points come from the float32 training table (t = 1000 and t = 1), shifted once, then read back
     # as Python floats, exactly as the scheduler's constructor does.
@@ -87,5 +89,5 @@ def timesteps(sigmas: Tensor) -> Tensor:
     Equal to the scheduler's ``timesteps``: fractional values such as 987.3806, never rounded to integers.
     """
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D schedule of N+1 >= 2 values, got shape {tuple(sigmas.shape)}")
+        raise InputError(f"sigmas must be a 1-D schedule of N+1 >= 2 values, got shape {tuple(sigmas.shape)}")
     return sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # (N,)

@@ -42,8 +42,8 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from dense import DenseAttention, DensePlan  # noqa: E402
+from loaders.pipeline import DTYPES  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Shape:
         return (self.latent // 2) ** 2
 
 
-# SD3.5-Large: 38 heads x 64, QK RMS norm, a 192 x 192 position table (sd3-reference-and-comfyui.md §1.3).
+# SD3.5-Large: 38 heads x 64, QK RMS norm, a 192 x 192 position table (docs/numerics.md §9.1).
 LARGE = dict(num_heads=38, head_dim=64, context_dim=4096, pooled_dim=2048, pos_embed_max_size=192, text_tokens=333)
 TINY = dict(num_heads=2, head_dim=16, context_dim=64, pooled_dim=48, pos_embed_max_size=16, text_tokens=9)
 

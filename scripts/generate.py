@@ -1,28 +1,37 @@
 #!/usr/bin/env python
 """Text-to-image with SD3 / SD3.5: `python scripts/generate.py --prompt "..." --out image.png`.
 
-Stages, one component in memory at a time: text encoders -> (freed) -> MM-DiT sampling -> (freed) -> VAE.
-With no --model the built-in tiny random model is used (made once, cached), so this runs anywhere; point
---model at the official weights for real images:
+A thin client of `loaders.Pipeline`: stages load one component at a time (text encoders -> MM-DiT -> VAE), so
+peak memory is about the largest component. With no --model the built-in tiny model is used, so this runs
+anywhere; point --model at the official weights for real images:
   --model stabilityai/stable-diffusion-3.5-medium          (Hugging Face repo id; needs access + HF_TOKEN)
   --model /path/to/stable-diffusion-3.5-large              (a downloaded diffusers folder)
   --model /path/to/sd3.5_large.safetensors                 (a Stability single file; text encoders from the
                                                              text_encoders/ folder next to it)
+Many prompts, weights loaded once: --prompts FILE (one prompt per line, or JSON Lines with "prompt",
+"negative_prompt", "seed", "layout", "out"); images that already exist are skipped, so a rerun resumes.
+The same command under `torchrun --nproc-per-node N` shares the prompts out by rank.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from loaders.pipeline import DTYPES  # noqa: E402
+from mmdit.errors import InputError  # noqa: E402
+
+TEMPLATE = "out/{index:04d}.png"  # --out for --prompts when none is given
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,16 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", help="diffusers folder, .safetensors single file, or Hub repo id (default: built-in tiny model)")
     src.add_argument("--tokenizers", type=Path, help="folder holding tokenizer/, tokenizer_2/, tokenizer_3/ (for a single file)")
     src.add_argument("--prompt", help="the text to draw")
+    src.add_argument("--prompts", type=Path, help="a file of prompts: one per line, or JSON Lines (see above)")
     src.add_argument("--negative-prompt", default="", help='what to steer away from (default: "")')
     src.add_argument("--prompt-embeds", type=Path, help="precomputed embeddings (.safetensors) instead of --prompt")
     src.add_argument("--num-images", type=int, default=1, help="images per prompt (one noise draw for all)")
-    src.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (at most 512; default 256)")
+    src.add_argument("--max-sequence-length", type=int,
+                     help="T5 tokens (at most 512; default 256, 16 for the built-in model)")
     src.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros in its place, as diffusers does)")
     smp = p.add_argument_group("sampling (defaults: the detected model's preset)")
     smp.add_argument("--steps", type=int)
     smp.add_argument("--cfg", type=float, help="classifier-free guidance scale; <= 1 turns CFG off")
     smp.add_argument("--shift", type=float, help="timestep schedule shift")
-    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--seed", type=int, default=0, help="noise seed (with --prompts: for every line without one)")
     smp.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 1024; 128 for the built-in model)")
     smp.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 1024; 128 for the built-in model)")
     smp.add_argument("--slg-layers", type=_int_list, help="skip-layer guidance blocks, e.g. 7,8,9 ('' for none)")
@@ -54,24 +65,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lay.add_argument("--attention-maps", type=Path, help="write per-phrase attention maps and stats.json here")
     run = p.add_argument_group("run and output")
     run.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path; with --num-images N: name_0.png ...")
+    run.add_argument("--device", help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
+    run.add_argument("--out", help="PNG path; with --num-images N: name_0.png ...; with --prompts a template with "
+                                   f"{{index}} and {{seed}} (default {TEMPLATE}) [default out.png]")
     run.add_argument("--save-latents", type=Path, help="also write the final latents (key 'latents') here")
     run.add_argument("--overwrite", action="store_true", help="replace existing output files")
     run.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     args = p.parse_args(argv)
-    if args.prompt is not None and args.prompt_embeds is not None:
-        p.error("give --prompt or --prompt-embeds, not both")
-    if args.prompt is None and args.prompt_embeds is None and args.layout is None:
-        p.error("give --prompt (or --prompt-embeds, or a --layout whose JSON has a prompt)")
+    given = [name for name in ("prompt", "prompts", "prompt_embeds") if getattr(args, name) is not None]
+    if len(given) > 1:
+        p.error(f"give one of --prompt, --prompts, --prompt-embeds, not {' and '.join('--' + g.replace('_', '-') for g in given)}")
+    if not given and args.layout is None:
+        p.error("give --prompt (or --prompts, --prompt-embeds, or a --layout whose JSON has a prompt)")
+    if args.prompts and (args.save_latents or args.attention_maps or args.layout):
+        p.error("with --prompts, give layouts per line (\"layout\"); --save-latents and --attention-maps are per image")
     if args.num_images < 1:
         p.error("--num-images must be at least 1")
-    if not 1 <= args.max_sequence_length <= 512:
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
         p.error("--max-sequence-length must be between 1 and 512")
     if args.dense_strength < 0:
         p.error("--dense-strength must be >= 0")
     if args.layout and args.prompt_embeds:
         p.error("--layout needs the prompt text (--prompt), not --prompt-embeds")
+    if args.attention_maps and not args.layout:
+        p.error("--attention-maps needs a --layout (its regions and phrases are what is measured); "
+                "for a baseline without modulation add --dense-strength 0")
     return args
 
 
@@ -82,14 +100,72 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated block numbers like 7,8,9, got {text!r}") from None
 
 
+@dataclass(frozen=True)
+class Job:
+    """One prompt to draw and where its images go."""
+
+    index: int  # its line in the prompts file (0 for a single --prompt)
+    prompt: str | None
+    negative_prompt: str
+    seed: int
+    layout: Path | dict | None
+    outputs: tuple[Path, ...]
+
+
 def image_paths(out: Path, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
 
 
-def refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise SystemExit(f"error: {', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
+def read_jobs(args: argparse.Namespace, count: int) -> list[Job]:
+    """The jobs of a run: one for --prompt / --prompt-embeds / --layout, one per line of --prompts."""
+    if args.prompts is None:
+        out = Path(args.out or "out.png")
+        return [Job(0, args.prompt, args.negative_prompt, args.seed, args.layout, tuple(image_paths(out, count)))]
+    try:
+        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read --prompts {args.prompts}: {e.strerror}") from None
+    template = args.out or TEMPLATE
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{args.prompts}:{number}"
+        entry = _json_line(line, where) if line.lstrip().startswith("{") else {"prompt": line.strip()}
+        index, seed = len(jobs), entry.get("seed", args.seed)
+        if not isinstance(seed, int):
+            raise InputError(f"{where}: \"seed\" must be an integer, got {seed!r}")
+        layout = entry.get("layout")
+        if isinstance(layout, str):  # a layout file, relative to the prompts file
+            layout = args.prompts.parent / layout
+        out = entry.get("out")
+        if out is None:
+            try:
+                out = template.format(index=index, seed=seed)
+            except (KeyError, IndexError, ValueError) as e:
+                raise InputError(f"--out {template!r} is not a template of {{index}} and {{seed}}: {e}") from None
+        jobs.append(Job(index, entry.get("prompt"), entry.get("negative_prompt", args.negative_prompt), seed, layout,
+                        tuple(image_paths(Path(out), count))))
+    if not jobs:
+        raise InputError(f"--prompts {args.prompts} holds no prompts")
+    outputs = [p for job in jobs for p in job.outputs]
+    if len(set(outputs)) < len(outputs):
+        raise InputError(f"two lines of {args.prompts} would write the same file; put {{index}} in --out "
+                         "or give each line its own \"out\"")
+    return jobs
+
+
+def _json_line(line: str, where: str) -> dict:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+    unknown = sorted(set(entry) - {"prompt", "negative_prompt", "seed", "layout", "out"})
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {unknown}; a line may have prompt, negative_prompt, seed, layout, out")
+    if not isinstance(entry.get("prompt", ""), str) or ("prompt" not in entry and "layout" not in entry):
+        raise InputError(f"{where}: needs a \"prompt\" string (or a \"layout\" that has one)")
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,136 +173,121 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     try:
         return run(args, say)
-    except (ValueError, FileNotFoundError, OSError) as e:  # our loaders' errors say what to do
+    except InputError as e:  # what the user gave is wrong: one line; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def run(args: argparse.Namespace, say) -> int:
-    from loaders.checkpoint import load_transformer, load_vae, locate, transformer_config, variant
-    from loaders.hub import resolve_model
-    from loaders.layout import layout_record, save_attention_maps
-    from loaders.pipeline import Settings, decode_images, generate_latents
+    from loaders import Pipeline
+    from loaders.layout import save_attention_maps
     from loaders.pngmeta import save_png
     from loaders.safetensors import read_tensors
-    from samplers import PRESETS
     from safetensors.torch import save_file
 
-    dtype, device = DTYPES[args.dtype], torch.device(args.device)
-    source = resolve_model(args.model, need_t5=not args.no_t5, say=say)
-    checkpoint = locate(source.diffusion)
-    config = transformer_config(checkpoint)
-    name = variant(checkpoint, config)
-    if source.builtin:
-        from loaders.builtin import PRESET as preset, SIZE as default_size
-    else:
-        preset, default_size = PRESETS[name], 1024
-    settings = Settings.from_preset(
-        preset, steps=args.steps, cfg=args.cfg, shift=args.shift, seed=args.seed,
-        height=args.height or default_size, width=args.width or default_size, slg_layers=args.slg_layers,
-        slg_scale=args.slg_scale, slg_start=args.slg_start, slg_stop=args.slg_stop,
-    )
-    missing = [i for i in settings.slg_layers if i >= config.depth]
-    if missing:
-        raise ValueError(f"skip-layer guidance blocks {missing} do not exist: this model has blocks 0..{config.depth - 1}; "
-                         "choose others with --slg-layers, or --slg-layers '' for none")
-    layout = None
-    if args.layout:
-        from dense import layout_prompt, read_layout
-
-        layout = read_layout(args.layout)
-        args.prompt = layout_prompt(layout, args.prompt)
-    elif args.attention_maps:
-        raise ValueError("--attention-maps needs a --layout (its regions and phrases are what is measured); "
-                         "for a baseline without modulation add --dense-strength 0")
+    rank, world = _distributed()
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    embeds = read_tensors(args.prompt_embeds) if args.prompt_embeds is not None else None
+    rows = embeds["prompt_embeds"].shape[0] if embeds is not None and "prompt_embeds" in embeds else 1
+    jobs = read_jobs(args, rows * args.num_images)
 
     # Check every output path before any heavy work, so nothing the user has is lost.
-    embeds = read_tensors(args.prompt_embeds) if args.prompt_embeds is not None else None
-    prompts = embeds["prompt_embeds"].shape[0] if embeds is not None and "prompt_embeds" in embeds else 1
-    count = prompts * args.num_images
-    outputs = image_paths(args.out, count)
     extra = [args.save_latents] if args.save_latents else []
     if args.attention_maps:
         extra.append(args.attention_maps / "stats.json")
-    refuse_overwrite(outputs + extra, args.overwrite)
+    if args.prompts is None:
+        existing = [str(p) for p in [*jobs[0].outputs, *extra] if p.exists()]
+        if existing and not args.overwrite:
+            raise InputError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
+    todo = [job for job in jobs[rank::world] if args.overwrite or not all(p.exists() for p in job.outputs)]
 
-    if source.builtin:
-        say("Using the built-in tiny model: its weights are RANDOM, so the image is noise-like by design.")
+    pipe = Pipeline.load(args.model, dtype=DTYPES[args.dtype], device=device, t5=not args.no_t5,
+                         tokenizers=args.tokenizers, keep_loaded=len(todo) > 1)
+    if pipe.defaults.note:
+        say(f"note: {pipe.defaults.note}")
+    if pipe.source.builtin:
+        say("Using the built-in tiny model: it only knows 128x128 scenes of circles, squares and triangles in red, "
+            "green, blue and yellow, e.g. 'a red circle and a blue square'.")
         say("For real images give the official weights, e.g. --model stabilityai/stable-diffusion-3.5-medium")
-    say(f"model {checkpoint.name} ({name}), seed {settings.seed}, {settings.steps} steps, cfg {settings.cfg}, "
-        f"shift {settings.shift}, {settings.width}x{settings.height}, {args.dtype} on {device}")
+    options = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, height=args.height, width=args.width,
+                   slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
+                   slg_stop=args.slg_stop)
+    settings = pipe.settings(seed=args.seed, **options)
+    say(f"model {pipe.checkpoint.name} ({pipe.defaults.variant}), {settings.steps} steps, cfg {settings.cfg}, "
+        f"shift {settings.shift}, {settings.width}x{settings.height}, {args.dtype} on {device}"
+        + (f"; {len(jobs)} prompts, {len(jobs) - len(todo) if world == 1 else 'some'} already made" if args.prompts else ""))
 
-    # Stage 1: conditioning.
-    plan = None
-    if args.prompt_embeds is not None:
-        from loaders.text import conditioning_from_embeds
-
-        positive, negative = conditioning_from_embeds(embeds, settings.guidance.cfg_on, args.num_images,
-                                                      where=str(args.prompt_embeds))
-    else:
-        from loaders.text import encode_prompts, find_text_files
-
-        files = find_text_files(source.diffusion, use_t5=not args.no_t5, tokenizers=args.tokenizers)
-        match = None
-        if layout is not None:  # every layout problem is found here, before any encoder is loaded
-            from loaders.layout import match_layout
-
-            match = match_layout(layout, args.prompt, files, height=settings.height, width=settings.width,
-                                 max_sequence_length=args.max_sequence_length)
-        encoded = encode_prompts(
-            files, [args.prompt], [args.negative_prompt] if settings.guidance.cfg_on else None,
-            num_images=args.num_images, max_sequence_length=args.max_sequence_length,
-            context_dim=config.context_dim, dtype=dtype, device=device,
-            extra_texts=match.texts_to_encode if match is not None and args.dense_strength > 0 else None,
-        )
-        for note in encoded.truncated:
-            say(f"warning: {note}")
-        positive, negative = encoded.positive, encoded.negative
-        if match is not None:
-            from loaders.layout import plan_layout
-
-            positive, plan = plan_layout(
-                match, encoded, steps=settings.steps, shift=settings.shift, strength=args.dense_strength,
-                preset=args.dense_preset, record_maps=args.attention_maps is not None,
-                max_sequence_length=args.max_sequence_length, device=device,
-            )
-
-    # Stage 2: the MM-DiT.
-    model = load_transformer(checkpoint, dtype=dtype, device=device)
-    started = time.perf_counter()
     bar = None
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=settings.steps, desc="sampling", unit="step", file=sys.stderr)
-    latents = generate_latents(model, positive, negative, settings, dense=plan,
-                               callback=(lambda i, x: bar.update(1)) if bar else None)
+        bar = tqdm(total=settings.steps * len(todo), desc="sampling", unit="step", file=sys.stderr)
+    started, made = time.perf_counter(), []
+    for job in todo:
+        call = dict(negative_prompt=job.negative_prompt, seed=job.seed, num_images=args.num_images,
+                    max_sequence_length=args.max_sequence_length, dense_strength=args.dense_strength,
+                    dense_preset=args.dense_preset, record_maps=args.attention_maps is not None,
+                    callback=(lambda i, x: bar.update(1)) if bar else None, **options)
+        if embeds is not None:
+            from loaders.text import conditioning_from_embeds
+
+            positive, negative = conditioning_from_embeds(embeds, settings.guidance.cfg_on, args.num_images,
+                                                          where=str(args.prompt_embeds))
+            result = pipe(prompt_embeds=positive, negative_embeds=negative, **call)
+            result.record["prompt_embeds"] = str(args.prompt_embeds)
+        else:
+            result = pipe(job.prompt, layout=job.layout, **call)
+        for note in result.warnings:
+            say(f"warning: {note}")
+        for i, path in enumerate(job.outputs):
+            if args.overwrite or not path.exists():
+                save_png(path, np.asarray(result.images[i]), {**result.record, "image_index": i}, overwrite=args.overwrite)
+        if args.save_latents:
+            args.save_latents.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"latents": result.latents.float().cpu().contiguous()}, str(args.save_latents))
+        if result.maps is not None:
+            save_attention_maps(args.attention_maps, result.maps, (settings.height, settings.width))
+        made.append({"index": job.index, "prompt": result.record["prompt"], "seed": job.seed, "rank": rank,
+                     "images": [str(p) for p in job.outputs]})
     if bar:
         bar.close()
     elapsed = time.perf_counter() - started
-    del model  # free the transformer before the VAE comes in
-    if args.save_latents:
-        args.save_latents.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": latents.float().cpu().contiguous()}, str(args.save_latents))
-
-    # Stage 3: the VAE.
-    vae = load_vae(checkpoint, dtype=dtype, device=device)
-    images = decode_images(vae, latents).cpu()
-    del vae
-    record = {
-        "model": source.label, "variant": name, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
-        "prompt_embeds": str(args.prompt_embeds) if args.prompt_embeds else None, **settings.to_dict(),
-        "dtype": args.dtype, "max_sequence_length": args.max_sequence_length, "t5": not args.no_t5,
-        "num_images": count, "layout": layout_record(layout) if layout is not None else None,
-        "dense_strength": args.dense_strength if layout is not None else None,
-        "dense_preset": args.dense_preset if layout is not None else None,
-    }
-    for i, path in enumerate(outputs):
-        save_png(path, images[i].numpy(), {**record, "image_index": i})
-    if plan is not None and plan.maps is not None:
-        save_attention_maps(args.attention_maps, plan.maps, (settings.height, settings.width))
-    say(f"{settings.steps / elapsed:.2f} steps/s; wrote {', '.join(map(str, outputs))}")
+    if args.prompts is not None:
+        _write_manifest(jobs, made, rank, world, args)
+    images = sum(len(m["images"]) for m in made)
+    say(f"{images} image(s) in {elapsed:.1f} s" + (f"; wrote {', '.join(made[0]['images'])}" if len(made) == 1 else ""))
     return 0
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun, join its process group (NCCL on GPUs, gloo on CPUs); else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _write_manifest(jobs: list[Job], made: list[dict], rank: int, world: int, args: argparse.Namespace) -> None:
+    """Rank 0 writes manifest.json beside the prompts' outputs: every job, and which run (and rank) made it."""
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, made)  # gloo and NCCL both carry Python objects
+        made = [m for part in gathered for m in part]
+    if rank != 0:
+        return
+    done = {m["index"]: m for m in made}
+    entries = [{"index": j.index, "prompt": j.prompt, "seed": j.seed, "images": [str(p) for p in j.outputs],
+                "made_by_rank": done[j.index]["rank"] if j.index in done else None,
+                "status": "made" if j.index in done else "existed"} for j in jobs]
+    folder = Path(os.path.commonpath([str(p.parent.resolve()) for j in jobs for p in j.outputs]))
+    path = folder / "manifest.json"  # rewritten each run: it describes the whole batch as it now stands
+    path.write_text(json.dumps({"prompts": str(args.prompts), "world_size": world, "images": entries}, indent=1))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from loaders.pipeline import DTYPES  # noqa: E402
+from mmdit.errors import InputError  # noqa: E402
 
 if TYPE_CHECKING:
     from loaders.checkpoint import Checkpoint
@@ -89,7 +91,6 @@ if TYPE_CHECKING:
     from mmdit.model import MMDiTConfig
     from mmdit.vae import VAEConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # name on the command line -> label in the table, in running order
 COMPONENTS = {
@@ -213,13 +214,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, help="pixels (default 128 on the built-in model, else 512)")
     p.add_argument("--width", type=int, help="pixels (default 128 on the built-in model, else 512)")
-    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the model's preset, 256 or 16)")
     p.add_argument("--json", type=Path, help="also write the table (and the run's settings) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="only the table")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
-    if not 1 <= args.max_sequence_length <= 512:
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
         p.error("--max-sequence-length must be between 1 and 512")
     return args
 
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     try:
         report = run(args, say)
-    except (ValueError, FileNotFoundError, OSError) as e:  # our loaders' errors say what to do
+    except InputError as e:  # what the user gave is wrong: one line; a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -320,10 +321,9 @@ def run(args: argparse.Namespace, say: Callable[..., None]) -> Report:
     import diffusers
     import transformers
 
-    from loaders.checkpoint import locate, transformer_config, variant
+    from loaders.checkpoint import locate, transformer_config
     from loaders.hub import resolve_model
-    from loaders.pipeline import Settings
-    from samplers import PRESETS
+    from loaders.pipeline import Settings, model_defaults
 
     source = resolve_model(args.model, say=say)
     checkpoint = locate(source.diffusion)
@@ -331,13 +331,14 @@ def run(args: argparse.Namespace, say: Callable[..., None]) -> Report:
     ref_source = source if same else resolve_model(args.reference, say=say)
     reference = checkpoint if same else locate(ref_source.diffusion)
     config = transformer_config(checkpoint)
-    name = variant(checkpoint, config)
+    defaults = model_defaults(source, checkpoint, config)
+    name, preset = defaults.variant, defaults.preset
+    args.max_sequence_length = args.max_sequence_length or preset.max_sequence_length
     if source.builtin:
-        from loaders.builtin import PRESET as preset, SIZE as size
-
+        size = defaults.size
         steps = args.steps or 6  # the fewest steps with one inside the skip-layer-guidance window (step 1)
     else:
-        preset, size, steps = PRESETS[name], 512, args.steps or 2
+        size, steps = 512, args.steps or 2
     settings = Settings.from_preset(preset, steps=steps, seed=args.seed, height=args.height or size,
                                     width=args.width or size)
     files = reference_files = None
@@ -459,7 +460,7 @@ def check_same_architecture(ours: dict[str, object], reference: dict[str, object
         fields = [f"{k} {v!r} vs {getattr(theirs, k)!r}" for k, v in asdict(mine).items() if getattr(theirs, k) != v]
         differences.append(f"  {label}: " + "; ".join(fields))
     if differences:
-        raise ValueError(
+        raise InputError(
             f"--model {model} and --reference {ref} are not the same architecture (--model's value first):\n"
             + "\n".join(differences) + "\nparity.py compares two engines on one architecture: give --reference "
             "the model that --model was made from (or leave it out to check --model against itself)"
@@ -831,7 +832,7 @@ def reference_vae(setup: Setup) -> torch.nn.Module:
                                    strict=config.has_encoder, assign=True)
     unfit = result.unexpected_keys or [k for k in result.missing_keys if not k.startswith("encoder.")]
     if not config.has_encoder and unfit:  # a decoder-only file leaves only diffusers' encoder empty
-        raise ValueError(f"diffusers VAE does not fit {checkpoint.path}: {result}")
+        raise InputError(f"diffusers VAE does not fit {checkpoint.path}: {result}")
     return model.eval()  # already on the device; no .to(): an empty (meta) encoder cannot be moved
 
 

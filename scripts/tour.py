@@ -13,8 +13,8 @@ is run through its own sub-steps (`pre_attention`, `attention`, `post_attention`
 
 With --save DIR it also writes DIR/tour.md, a page that ties it together, with the pictures beside it: latent
 previews after every step (through the fixed linear latent-to-RGB map of `mmdit.latent_preview`), the
-attention picture and the decoded image. Default: the built-in tiny model (random weights, so the pictures are
-coloured noise by design; the shapes and the code path are the real ones). --model as in generate.py.
+attention picture and the decoded image. Default: the built-in tiny model, trained on a world of coloured shapes,
+with one of its captions. --model as in generate.py.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from loaders.pipeline import DTYPES  # noqa: E402
+from mmdit.errors import InputError  # noqa: E402
 
 if TYPE_CHECKING:
     from loaders.checkpoint import Checkpoint
@@ -43,9 +45,9 @@ if TYPE_CHECKING:
     from mmdit.conditioning import Conditioning
     from mmdit.model import MMDiTConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPT = "a red fox sitting in a snowy forest at dawn, soft golden light"
+BUILTIN_PROMPT = "a red circle"  # the built-in model knows only shapes, and draws one object reliably
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -141,13 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers folder, .safetensors single file, or Hub repo id (default: built-in tiny model)")
     p.add_argument("--tokenizers", type=Path, help="folder holding tokenizer/, tokenizer_2/, tokenizer_3/ (for a single file)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", help="default: a shapes caption on the built-in model, else a fox in the snow")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, help="default: the model's preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, help="pixels (default 128 on the built-in model, else 1024)")
     p.add_argument("--width", type=int, help="pixels (default 128 on the built-in model, else 1024)")
-    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the model's preset, 256 or 16)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--save", type=Path, help="write DIR/tour.md and its pictures here")
@@ -155,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
-    if not 1 <= args.max_sequence_length <= 512:
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
         p.error("--max-sequence-length must be between 1 and 512")
     return args
 
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         tour = run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except InputError as e:  # what the user gave is wrong: one line; a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.quiet:
@@ -196,22 +198,20 @@ def _fmt(x: float) -> str:
 
 
 def run(args: argparse.Namespace) -> Tour:
-    from loaders.checkpoint import locate, transformer_config, variant
+    from loaders.checkpoint import locate, transformer_config
     from loaders.hub import resolve_model
-    from loaders.pipeline import Settings
+    from loaders.pipeline import Settings, model_defaults
     from loaders.text import find_text_files
-    from samplers import PRESETS
 
     source = resolve_model(args.model)
     checkpoint = locate(source.diffusion)
     config = transformer_config(checkpoint)
-    name = variant(checkpoint, config)
-    if source.builtin:
-        from loaders.builtin import PRESET as preset, SIZE as size
-    else:
-        preset, size = PRESETS[name], 1024
+    defaults = model_defaults(source, checkpoint, config)
+    name, preset, size = defaults.variant, defaults.preset, defaults.size
     settings = Settings.from_preset(preset, steps=args.steps, seed=args.seed, height=args.height or size,
                                     width=args.width or size)
+    args.prompt = args.prompt or (BUILTIN_PROMPT if source.builtin else DEFAULT_PROMPT)
+    args.max_sequence_length = args.max_sequence_length or preset.max_sequence_length
     files = find_text_files(source.diffusion, tokenizers=args.tokenizers)
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     negative = args.negative_prompt if settings.guidance.cfg_on else None
@@ -703,8 +703,8 @@ def write_page(tour: Tour, folder: Path, command: str) -> Path:
         + (f"; negative prompt: *{h['negative_prompt']!r}*" if h["negative_prompt"] is not None else "")
         + f". {h['width']}x{h['height']} pixels, {h['steps']} steps, CFG {h['cfg']}, shift {h['shift']}, "
         f"seed {h['seed']}, {h['dtype']} on {h['device']}."
-        + (" The built-in model's weights are random, so the pictures are coloured noise by design; the shapes "
-           "and the code path are the real ones." if h["model"] == "builtin" else ""),
+        + (" The built-in model was trained on a world of coloured shapes (`scripts/train_builtin.py`), so "
+           "that is all it draws." if h["model"] == "builtin" else ""),
         "",
         "| # | stage | main outputs | code |",
         "|---|---|---|---|",

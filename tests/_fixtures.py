@@ -107,7 +107,7 @@ def tiny_text_pipeline(root):
         return randomize_(CLIPTextModelWithProjection(cfg), seed)
 
     clip_l, clip_g = clip(64, 1, "quick_gelu", 11), clip(128, 2, "gelu", 12)
-    with torch.no_grad():  # SD3's CLIP-L projection is the identity (spec §6.1)
+    with torch.no_grad():  # SD3's CLIP-L projection is the identity (docs/numerics.md §8.1)
         clip_l.text_projection.weight.copy_(torch.eye(64))
     torch.manual_seed(13)
     t5 = randomize_(T5EncoderModel(T5Config(vocab_size=T5_VOCAB_SIZE, d_model=256, d_kv=64, d_ff=128, num_layers=2,

@@ -1,4 +1,4 @@
-"""Tests for dense/ (DenseDiffusion layout control, dense-spec.md)."""
+"""Tests for dense/ (DenseDiffusion layout control, docs/densediffusion.md)."""
 
 from __future__ import annotations
 
@@ -145,8 +145,8 @@ def test_image_only_attention_uses_ii_only():
 
 def reference_modulation(s: torch.Tensor, seg: torch.Tensor, cls: torch.Tensor, area: list[float],
                          cfg: DenseConfig, lam: float) -> torch.Tensor:
-    """dense-spec.md §5 pair by pair; also the row constant c_I·m_I that soft mode drops. Image-only attention
-    when s has N_img keys (then give cls empty)."""
+    """docs/densediffusion.md §6 pair by pair; also the row constant c_I·m_I that soft mode drops. Image-only
+    attention when s has N_img keys (then give cls empty)."""
     n_img, n = seg.numel(), seg.numel() + cls.numel()
     label = torch.cat([seg, cls]).tolist()
     out = s.clone()

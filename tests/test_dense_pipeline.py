@@ -1,4 +1,4 @@
-"""DenseDiffusion inside the real attention: exactness guarantees (spec §6) and its effect (spec §7)."""
+"""DenseDiffusion inside the real attention: exactness guarantees (docs/densediffusion.md §9) and its effect (§10)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dense import DenseAttention, DensePlan, PRESETS, assign_tokens, box_mask
+from dense import DensePlan, PRESETS, assign_tokens, box_mask
 from dense.tokens import PhraseMatch
 from loaders.pngmeta import read_png_metadata
 from mmdit.attention import attention
 from scripts.generate import main
 
 LAYOUT = {
-    "prompt": "a red rose floating on a blue ocean under golden sunlight",
+    "prompt": "a blue square and a red circle and a yellow triangle",
     "regions": [
-        {"phrase": "a blue ocean", "box": [0.0, 0.5, 1.0, 1.0]},
-        {"phrase": "a red rose", "box": [0.3, 0.2, 0.7, 0.5]},
-        {"phrase": "golden sunlight", "box": [0.0, 0.0, 1.0, 0.2]},
+        {"phrase": "a blue square", "box": [0.0, 0.625, 0.375, 1.0]},
+        {"phrase": "a red circle", "box": [0.625, 0.0, 1.0, 0.375]},
+        {"phrase": "a yellow triangle", "box": [0.0, 0.0, 0.375, 0.375]},
     ],
 }
 
@@ -27,19 +27,15 @@ LAYOUT = {
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
-    cache = root / "cache"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SD3_MINIMAL_CACHE", str(cache))
     layout = root / "layout.json"
     layout.write_text(json.dumps(LAYOUT))
-    yield root, layout
-    mp.undo()
+    return root, layout
 
 
 def run(root, tmp, name, *extra):
     out = tmp / f"{name}.png"
     lat = tmp / f"{name}.safetensors"
-    args = ["--steps", "10", "--height", "128", "--width", "128", "--out", str(out), "--save-latents", str(lat),
+    args = ["--steps", "10", "--out", str(out), "--save-latents", str(lat),
             "--quiet", *extra]
     if "--layout" not in extra:
         args = ["--prompt", LAYOUT["prompt"], *args]
@@ -59,7 +55,7 @@ def test_no_layout_and_strength_zero_are_bit_identical(builtin, tmp_path):
     modulated, _ = run(root, tmp_path, "mod", "--layout", str(layout))
     assert not torch.equal(plain, modulated)  # so the equality above is not vacuous
     meta = read_png_metadata(png)
-    assert meta["layout"]["regions"][1] == {"phrase": "a red rose", "box": [0.3, 0.2, 0.7, 0.5]}
+    assert meta["layout"]["regions"][1] == {"phrase": "a red circle", "box": [0.625, 0.0, 1.0, 0.375]}
 
 
 def test_in_region_fraction_rises_with_strength(builtin, tmp_path):
@@ -74,9 +70,8 @@ def test_in_region_fraction_rises_with_strength(builtin, tmp_path):
         assert sorted(p.name for p in maps.iterdir()) == ["region_0.png", "region_1.png", "region_2.png", "stats.json"]
     for n in range(3):
         assert fractions["0"][n] < fractions["0.5"][n] < fractions["1"][n], fractions
-    # without modulation a region gets about its area's share (spec §7)
-    areas = [r["area"] for r in json.loads((tmp_path / "maps0" / "stats.json").read_text())["regions"]]
-    assert all(abs(f - a) < 0.1 for f, a in zip(fractions["0"], areas))
+    # with the layout most of a phrase's attention lands inside its region, which covers 14% of the image
+    assert min(fractions["1"]) > 0.5, fractions
 
 
 @pytest.mark.parametrize("preset", ["joint", "hard"])
@@ -88,8 +83,9 @@ def test_presets_run_and_differ(builtin, tmp_path, preset):
 
 
 def test_attention_maps_need_a_layout(builtin, tmp_path, capsys):
-    assert main(["--prompt", "x", "--attention-maps", str(tmp_path / "m"), "--out", str(tmp_path / "x.png"),
-                 "--quiet"]) == 2
+    with pytest.raises(SystemExit) as stop:  # a flag combination: refused while parsing, before any loading
+        main(["--prompt", "x", "--attention-maps", str(tmp_path / "m"), "--out", str(tmp_path / "x.png"), "--quiet"])
+    assert stop.value.code == 2
     assert "--dense-strength 0" in capsys.readouterr().err
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def single(tmp_path_factory):
     return path
 
 
-def edited(single, tmp_path, change) -> "Path":
+def edited(single, tmp_path, change) -> Path:
     tensors = load_file(str(single))
     change(tensors)
     path = tmp_path / "edited.safetensors"
@@ -173,10 +173,10 @@ def test_download_fetches_only_needed_files(monkeypatch, tmp_path):
 
 
 def test_gated_repo_says_how_to_get_access(monkeypatch):
+    from unittest.mock import MagicMock
+
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError
-
-    from unittest.mock import MagicMock
 
     def gated(self, repo):
         raise GatedRepoError("403 gated", response=MagicMock(headers={}))

@@ -80,14 +80,14 @@ def test_parity_single_file_against_diffusers_folder(tiny_model, tmp_path):
 
 
 def test_parity_rejects_a_reference_of_another_architecture(tiny_model, capsys):
-    """The tiny pipeline (3 blocks, 2 heads of 16) is not the built-in model (4 blocks, 2 heads of 64)."""
+    """The tiny pipeline (3 blocks, 2 heads of 16) is not the built-in model (6 blocks, 3 heads of 64)."""
     from loaders.builtin import builtin_model
 
     code = parity.main(["--model", str(tiny_model / "single" / "model.safetensors"),
                         "--reference", str(builtin_model()), *SMALL])
     err = capsys.readouterr().err
     assert code == 2
-    assert "not the same architecture" in err and "MM-DiT: depth 3 vs 4" in err and "CLIP-G" in err, err
+    assert "not the same architecture" in err and "MM-DiT: depth 3 vs 6" in err and "CLIP-G" in err, err
 
 
 MMDIT_KEY = "model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight"

@@ -60,7 +60,7 @@ def test_sigmas_and_timesteps_equal_diffusers(steps: int, shift: float) -> None:
 
 
 def test_schedule_reference_values() -> None:
-    # sd3-diffusers-numerics.md §3.3
+    # FlowMatchEulerDiscreteScheduler(shift=3.0).set_timesteps values (docs/numerics.md §2)
     t28 = timesteps(sigmas(28, 3.0))
     expected_28 = [1000.0, 987.380615, 974.107727, 199.826981, 110.905731, 8.928572]
     assert t28[[0, 1, 2, -3, -2, -1]].tolist() == pytest.approx(expected_28, abs=2e-4)

@@ -542,7 +542,7 @@ def test_key_maps():
 
 
 def clip_tokenizer(pad_token: str):
-    """An in-memory byte-level BPE CLIP tokenizer (spec §8.3); specials are the two top ids (EOS = max)."""
+    """An in-memory byte-level BPE CLIP tokenizer (docs/numerics.md §6.3); specials are the two top ids (EOS = max)."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -654,3 +654,20 @@ def test_assemble_dtypes_and_checks():
     rep = repeat_for_images(c, 3)
     assert rep.context.shape[0] == 6 and torch.equal(rep.context[3], c.context[1])
     assert torch.equal(rep.pooled[2], c.pooled[0])
+
+
+def test_clip_width_not_multiple_of_64_says_what_to_do(tmp_path):
+    """A single-file CLIP whose heads cannot be inferred names the config file that would fix it, and a
+    transformers config beside the file (<name>.json) then supplies the head count."""
+    import json
+
+    ref = hf_clip(48, 2, 3, 64, "gelu", proj=40, seed=21)
+    path = tmp_path / "clip_g.safetensors"
+    save_file(dict(ref.state_dict()), str(path))
+    with pytest.raises(CheckpointError, match=r"multiple of 64.*num_attention_heads.*clip_g\.json"):
+        load_clip(path, activation="gelu")
+    (tmp_path / "clip_g.json").write_text(json.dumps({"num_attention_heads": 3, "hidden_act": "gelu"}))
+    ours = load_clip(path, activation="gelu")
+    ids = clip_ids(2, 100, seed=22)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).pooled, ref(ids).text_embeds)

@@ -3,7 +3,7 @@
 Tiny random AutoencoderKLs (every weight re-drawn, GroupNorm affine included) are converted to our LDM names
 with `vae_from_diffusers`, loaded through `load_weights` into a VAE built on the meta device, and compared in
 float32 (decode, encode mean, encode sample with the same generator) and bfloat16. The key map is checked both
-ways and against the full-size SD3 configuration (sd3-diffusers-numerics.md §5.1) built on the meta device.
+ways and against the full-size SD3 configuration (docs/numerics.md §10) built on the meta device.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mmdit.vae import VAE, VAEConfig, decode, encode, to_uint8
 
 SCALE, SHIFT = 1.5305, 0.0609
 
-# sd3-diffusers-numerics.md §5.1: the hub vae/config.json of every SD3 / SD3.5 model.
+# The hub vae/config.json of every SD3 / SD3.5 model (docs/numerics.md §10).
 SD3_CONFIG = {
     "_class_name": "AutoencoderKL",
     "in_channels": 3,
@@ -116,7 +116,7 @@ def latents(spec: Tiny, batch: int = 2, seed: int = 1) -> torch.Tensor:
 def test_decode_matches_diffusers_fp32(pair):
     spec, ref, ours = pair
     z = latents(spec)
-    expected = ref.decode(z / SCALE + SHIFT).sample  # the SD3 pipeline's decode (§4.7)
+    expected = ref.decode(z / SCALE + SHIFT).sample  # the SD3 pipeline's decode (docs/numerics.md §10)
     got = decode(ours, z)
     f = 2 ** (len(spec.widths) - 1)
     assert got.shape == (2, 3, f * spec.latent_hw[0], f * spec.latent_hw[1])
@@ -144,7 +144,8 @@ def test_encode_matches_diffusers_fp32(pair):
     mean = encode(ours, image, sample=False)
     torch.testing.assert_close(mean, (posterior.mean - SHIFT) * SCALE, rtol=0, atol=1e-5 * mean.abs().max().item())
     sampled = encode(ours, image, generator=torch.Generator().manual_seed(3))
-    expected = (posterior.sample(torch.Generator().manual_seed(3)) - SHIFT) * SCALE  # img2img init latents (§4.9)
+    # img2img init latents (docs/numerics.md §10)
+    expected = (posterior.sample(torch.Generator().manual_seed(3)) - SHIFT) * SCALE
     assert sampled.shape == (2, 16, *spec.latent_hw)
     torch.testing.assert_close(sampled, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     assert (sampled - mean).abs().max().item() > 1e-3  # the sample really is noisy
@@ -271,7 +272,7 @@ def test_real_sd3_key_set_and_shapes():
         ours = VAE(config)
     expected = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
-    # spot checks against the original file's layout (sd3-reference-and-comfyui.md §1.4)
+    # spot checks against the original file's layout (docs/numerics.md §10, §11.3)
     assert expected["decoder.conv_in.weight"] == (512, 16, 3, 3)
     assert expected["decoder.up.1.block.0.nin_shortcut.weight"] == (256, 512, 1, 1)
     assert expected["decoder.up.0.block.0.nin_shortcut.weight"] == (128, 256, 1, 1)

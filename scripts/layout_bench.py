@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Does layout control put each object where it was asked? Measured on the built-in model's shapes world.
+
+    python scripts/layout_bench.py [--cases 200] [--json docs/layout/bench.json] [--grid docs/layout/grid.png]
+    python scripts/layout_bench.py --quality [--cases 240]     # text-to-image alone: right objects, nothing else
+
+Cases (seeded): 2-3 distinct objects, their caption in random order, and one region per object's phrase at a
+random place (a box of 3x3 image tokens, 48x48 pixels, on the token grid; every fourth case gives discs as
+masks instead), regions never touching. The model places objects uniformly at random on its own, so without
+a layout an object lands in its region about as often as chance. Every method sees the same cases and seeds.
+
+Metrics, from the exact detector of `shapes.py`, per method (--quality: every named object present, images
+with an unnamed object, and the shares of named objects and of their colours found):
+* in-box: the named object (right colour and shape) was found and its centroid lies inside its region;
+* colour in-box: some object of the named colour (any shape) has its centroid inside the region: placement
+  alone, apart from how well the model draws the shape (lenient where a colour is scattered: see unnamed);
+* IoU: between the found object's mask and its region (0 when not found), DenseDiffusion's measure;
+* present: the named object was found; all-present: every named object of the image was;
+* unnamed: the share of images with an object that was not named;
+* time: seconds per image, and relative to no layout.
+Methods: no layout; DenseDiffusion `faithful`, `joint`, `hard`; `faithful` at strengths 0, 0.5, 1, 2, 4;
+ablations of `faithful` (image->image only, image->text only, schedule fraction 0.5, power 1); and a baseline
+that never touches the attention: for the same first steps the positive velocity is blended per region from
+each phrase's own prediction (a latent-space regional prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from scripts import shapes  # noqa: E402
+from dense import PRESETS, DenseConfig, Layout, Region, region_masks  # noqa: E402
+from dense.schedule import active_steps  # noqa: E402
+from loaders.pipeline import Pipeline, decode_images, denoiser  # noqa: E402
+from loaders.text import encode_prompts  # noqa: E402
+from mmdit.conditioning import Conditioning, assemble  # noqa: E402
+from samplers import ModelCall, initial_noise, sample, sigmas  # noqa: E402
+
+CELL = 16  # pixels per image token
+BOX_CELLS = 3  # a region is 3x3 tokens
+
+
+@dataclass(frozen=True)
+class Case:
+    caption: str
+    kinds: tuple[tuple[str, str], ...]  # (colour, shape) per region, in region order
+    layout: Layout
+    seed: int
+
+    @property
+    def boxes(self) -> list[tuple[float, float, float, float]]:
+        return [r.box if r.box is not None else _mask_box(r.mask) for r in self.layout.regions]
+
+
+def _mask_box(mask: torch.Tensor) -> tuple[float, float, float, float]:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    h, w = mask.shape
+    return (xs.min().item() / w, ys.min().item() / h, (xs.max().item() + 1) / w, (ys.max().item() + 1) / h)
+
+
+def disc_mask(box: tuple[float, float, float, float], size: int) -> torch.Tensor:
+    """(size, size) bool: the disc inscribed in a box (fractions)."""
+    c = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    cx, cy, r = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (box[2] - box[0]) / 2
+    return (c[None, :] - cx) ** 2 + (c[:, None] - cy) ** 2 < r**2
+
+
+def make_cases(count: int, seed: int, size: int = shapes.SIZE) -> list[Case]:
+    rng = random.Random(seed)
+    grid, side = size // CELL, BOX_CELLS * CELL
+    cases = []
+    for i in range(count):
+        n = 2 + i % 2  # 2 and 3 objects, alternating
+        kinds = rng.sample(shapes.all_kinds(), n)
+        while True:  # regions on the token grid, one token apart
+            cells = [(rng.randrange(grid - BOX_CELLS + 1), rng.randrange(grid - BOX_CELLS + 1)) for _ in kinds]
+            boxes = [(cx * CELL, cy * CELL, cx * CELL + side, cy * CELL + side) for cx, cy in cells]
+            if all(not shapes._overlaps(a, b, CELL) for j, a in enumerate(boxes) for b in boxes[j + 1 :]):
+                break
+        regions = []
+        for (colour, shape), b in zip(kinds, boxes):
+            box = tuple(v / size for v in b)
+            phrase = f"a {colour} {shape}"
+            regions.append(Region(phrase, mask=disc_mask(box, size)) if i % 4 == 3 else Region(phrase, box=box))
+        order = list(range(n))
+        rng.shuffle(order)  # the caption names the objects in another order than the regions
+        text = " and ".join(regions[j].phrase for j in order)
+        cases.append(Case(text, tuple(kinds), Layout(text, tuple(regions)), seed=1000 + i))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    preset: str | DenseConfig | None = None  # None: no layout
+    strength: float = 1.0
+    blend: bool = False  # the baseline: per-region blending of phrase-only velocities
+
+
+# The preset the README recommends for this model, measured below (tests/test_builtin_model.py checks it).
+BEST = Method("faithful", "faithful")
+
+
+def methods(ablations: bool) -> list[Method]:
+    f = PRESETS["faithful"]
+    out = [Method("no layout"), Method("faithful", "faithful"), Method("joint", "joint"), Method("hard", "hard"),
+           *(Method(f"faithful s={s:g}", "faithful", s) for s in (0, 0.5, 2, 4)),
+           Method("region blend (baseline)", blend=True)]
+    if ablations:
+        out += [Method("faithful, image->image only", replace(f, w_it=0.0)),
+                Method("faithful, image->text only", replace(f, w_ii=0.0)),
+                Method("faithful, fraction 0.5", replace(f, fraction=0.5)),
+                Method("faithful, power 1", replace(f, power=1.0))]
+    return out
+
+
+def blend_latents(pipe: Pipeline, case: Case, fraction: float = 0.3) -> torch.Tensor:
+    """The baseline: for the first round(fraction·K) steps the positive velocity is Σ_n m_n·v(phrase n) +
+    (1 − Σ_n m_n)·v(caption), each phrase predicted alone on the same latent; then plain sampling."""
+    settings = pipe.settings(seed=case.seed)
+    length = pipe.preset.max_sequence_length
+    phrases = [r.phrase for r in case.layout.regions]
+    e = encode_prompts(pipe.files, [case.caption], [""], max_sequence_length=length,
+                       context_dim=pipe.config.context_dim, extra_texts=phrases)
+    p = e.phrases
+    conds = [assemble(type(p.clip_l)(*(t[k : k + 1] for t in (p.clip_l.penultimate, p.clip_l.pooled))),
+                      type(p.clip_g)(*(t[k : k + 1] for t in (p.clip_g.penultimate, p.clip_g.pooled))),
+                      p.t5[k : k + 1] if p.t5 is not None else None, t5_length=length,
+                      context_dim=pipe.config.context_dim) for k in range(len(phrases))]
+    masks = region_masks(case.layout, settings.height, settings.width).float()  # (R, H, W)
+    m = torch.nn.functional.avg_pool2d(masks[:, None], 8)  # (R, 1, h, w) at the latent grid
+    rest = (1 - m.sum(0)).clamp(min=0)
+    model = pipe.transformer()
+    plain = denoiser(model)
+    n = active_steps(settings.steps, fraction)
+
+    def denoise(x, t, cond: Conditioning, call: ModelCall):
+        v = plain(x, t, cond, call)
+        if call.step >= n:
+            return v
+        rows = call.positive
+        b = rows.stop - rows.start
+        mixed = v[rows] * rest
+        for k, c in enumerate(conds):
+            c = Conditioning(c.context.expand(b, -1, -1), c.pooled.expand(b, -1))
+            mixed = mixed + m[k] * plain(x[rows], t[rows], c, ModelCall(call.step, slice(0, b), call.skip_layers))
+        v = v.clone()
+        v[rows] = mixed
+        return v
+
+    noise = initial_noise(1, settings.height, settings.width, settings.seed)
+    return sample(denoise, noise, sigmas(settings.steps, settings.shift), e.positive, e.negative, settings.guidance)
+
+
+def generate(pipe: Pipeline, case: Case, method: Method) -> np.ndarray:
+    if method.blend:
+        return decode_images(pipe.autoencoder(), blend_latents(pipe, case))[0].numpy()
+    layout = case.layout if method.preset is not None else None
+    result = pipe(case.caption, layout=layout, seed=case.seed, dense_strength=method.strength,
+                  dense_preset=method.preset or "faithful")
+    return np.asarray(result.images[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score(image: np.ndarray, case: Case) -> dict:
+    detections = shapes.detect(image)
+    size = image.shape[0]
+    masks = region_masks(case.layout, size, size).numpy()
+    objects = []
+    for (colour, shape), box, mask in zip(case.kinds, case.boxes, masks):
+        d = shapes.find(detections, colour, shape)
+        objects.append({"present": d is not None, "in_box": d is not None and shapes.centroid_in_box(d, box, size),
+                        "iou": shapes.iou(d.mask, mask) if d is not None else 0.0,
+                        "colour_in_box": any(e.colour == colour and shapes.centroid_in_box(e, box, size)
+                                             for e in detections)})
+    named = sum(o["present"] for o in objects)
+    return {"objects": objects, "unnamed": len(detections) - named}
+
+
+def summarise(scores: list[dict], seconds: list[float]) -> dict:
+    objects = [o for s in scores for o in s["objects"]]
+    return {
+        "in_box": float(np.mean([o["in_box"] for o in objects])),
+        "colour_in_box": float(np.mean([o["colour_in_box"] for o in objects])),
+        "iou": float(np.mean([o["iou"] for o in objects])),
+        "present": float(np.mean([o["present"] for o in objects])),
+        "all_present": float(np.mean([all(o["present"] for o in s["objects"]) for s in scores])),
+        "unnamed": float(np.mean([s["unnamed"] > 0 for s in scores])),
+        "seconds": float(np.mean(seconds)),
+        "images": len(scores),
+    }
+
+
+def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print) -> dict:
+    results = {}
+    for method in chosen:
+        scores, seconds, images = [], [], []
+        for case in cases:
+            start = time.perf_counter()
+            image = generate(pipe, case, method)
+            seconds.append(time.perf_counter() - start)
+            scores.append(score(image, case))
+            images.append(image)
+        by_count = {n: summarise([s for s, c in zip(scores, cases) if len(c.kinds) == n],
+                                 [t for t, c in zip(seconds, cases) if len(c.kinds) == n]) for n in (2, 3)}
+        results[method.name] = {**summarise(scores, seconds), "by_objects": by_count, "images_": images}
+        r = results[method.name]
+        say(f"{method.name:32s} in-box {r['in_box']:.3f}  colour in-box {r['colour_in_box']:.3f}  IoU {r['iou']:.3f}  present {r['present']:.3f}  "
+            f"unnamed {r['unnamed']:.3f}  {r['seconds']:.2f} s/image")
+    base = results[chosen[0].name]["seconds"]
+    for r in results.values():
+        r["time_ratio"] = r["seconds"] / base
+    return results
+
+
+def run_quality(pipe: Pipeline, count: int, seed: int, say=print) -> dict:
+    """Captions of random scenes (1-3 objects), generated from the caption alone, one seed each."""
+    rng = random.Random(seed)
+    rows, images = [], []
+    for i in range(count):
+        text = shapes.random_scene(rng).caption
+        image = np.asarray(pipe(text, seed=10_000 + i).images[0])
+        j, found = shapes.judge(image, text), {d.colour for d in shapes.detect(image)}
+        rows.append({"caption": text, "all_present": j.all_present, "unnamed": j.unnamed, "present": j.present,
+                     "colour_present": [c in found for c, _ in shapes.named_kinds(text)]})
+        images.append(image)
+    share = lambda key: float(np.mean([x for r in rows for x in r[key]]))  # noqa: E731
+    out = {"images": count, "all_present": float(np.mean([r["all_present"] for r in rows])),
+           "unnamed": float(np.mean([r["unnamed"] > 0 for r in rows])),
+           "objects_present": share("present"), "colours_present": share("colour_present"),
+           "by_objects": {n: float(np.mean([r["all_present"] for r in rows if len(shapes.named_kinds(r["caption"])) == n]))
+                          for n in (1, 2, 3)}, "rows": rows, "images_": images}
+    say(f"quality on {count} captions: every named object present {out['all_present']:.3f}, "
+        f"images with an unnamed object {out['unnamed']:.3f}, by object count {out['by_objects']}; "
+        f"named objects present {out['objects_present']:.3f}, their colours present {out['colours_present']:.3f}")
+    return out
+
+
+def outline(image: np.ndarray, case: Case) -> np.ndarray:
+    """The image with each region's box drawn in white (a thin frame), for the picture grid."""
+    out = image.copy()
+    size = image.shape[0]
+    for box in case.boxes:
+        x0, y0, x1, y1 = (int(round(v * size)) for v in box)
+        x1, y1 = min(x1, size) - 1, min(y1, size) - 1
+        out[y0, x0 : x1 + 1] = out[y1, x0 : x1 + 1] = 255
+        out[y0 : y1 + 1, x0] = out[y0 : y1 + 1, x1] = 255
+    return out
+
+
+def save_grid(path: Path, results: dict, cases: list[Case], names: dict[str, str], rows: int = 8) -> None:
+    """Cases down, methods across (`names`: method -> column title), each region's box outlined in white."""
+    from PIL import Image
+
+    from scripts.dense_demo import grid
+
+    cases = cases[:rows]
+    tiles = [[Image.fromarray(outline(results[n]["images_"][i], c)) for n in names] for i, c in enumerate(cases)]
+    labels = [f"case {i}" for i in range(len(cases))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid(tiles, labels, list(names.values()), label_width=50).save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="as generate.py --model (default: the built-in model)")
+    p.add_argument("--cases", type=int, default=200, help="cases (or captions with --quality)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality", action="store_true", help="measure text-to-image alone instead of layouts")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--json", type=Path, help="write every figure here")
+    p.add_argument("--grid", type=Path, help="write a picture grid (cases x methods) here")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if args.cases < 1:
+        p.error("--cases must be at least 1")
+    for path in (args.json, args.grid):
+        if path is not None and path.exists() and not args.overwrite:
+            p.error(f"{path} exists; pass --overwrite to replace it")
+    torch.manual_seed(0)
+    pipe = Pipeline.load(args.model, keep_loaded=True)
+    if args.quality:
+        out = run_quality(pipe, args.cases, args.seed)
+        if args.grid:
+            from PIL import Image
+
+            tiles = out["images_"][:48]
+            rows = [np.concatenate(tiles[i : i + 8], axis=1) for i in range(0, len(tiles) - 7, 8)]
+            args.grid.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.concatenate(rows, axis=0)).save(args.grid)
+    else:
+        cases = make_cases(args.cases, args.seed)
+        chosen = methods(not args.no_ablations)
+        out = run_bench(pipe, cases, chosen)
+        if args.grid:
+            save_grid(args.grid, out, cases, {"no layout": "no layout", "faithful": "faithful", "joint": "joint",
+                                              "hard": "hard", "region blend (baseline)": "region blend"})
+    if args.json:
+        strip = lambda d: {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k != "images_"}  # noqa: E731
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": pipe.preset.__dict__, "results": strip(out)}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
