@@ -320,5 +320,10 @@ class Pipeline:
     def _result(self, latents: Tensor, record: dict, maps: AttentionMaps | None, warnings: tuple[str, ...]) -> Result:
         from PIL import Image
 
+        if not torch.isfinite(latents).all():  # decoding would give a black image, and nothing would say why
+            if self.dtype == torch.float16:
+                raise InputError("the latents became non-finite (inf or nan) while sampling in float16: SD3's "
+                                 "activations can overflow its range; use bfloat16 (--dtype bfloat16) or float32")
+            raise FloatingPointError(f"the latents became non-finite (inf or nan) while sampling in {self.dtype}")
         images = decode_images(self.autoencoder(), latents).cpu()
         return Result([Image.fromarray(im.numpy()) for im in images], latents, record, maps, warnings)

@@ -117,3 +117,23 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(loaders.pipeline, "generate_latents", broken)
     with pytest.raises(ValueError, match="a shape bug"):
         generate(["--prompt", "a red circle", "--out", str(tmp_path / "x.png"), "--quiet", *STEPS])
+
+
+def test_non_finite_latents_stop_before_a_black_png(tmp_path, monkeypatch, capsys):
+    """float16 overflow: a one-line error that suggests bfloat16, and no PNG; in float32 it is not the user's
+    input, so it keeps its traceback."""
+    import torch
+
+    real = loaders.pipeline.generate_latents
+
+    def overflowing(*args, **kwargs):
+        latents = real(*args, **kwargs)
+        return torch.full_like(latents, float("inf"))
+
+    monkeypatch.setattr(loaders.pipeline, "generate_latents", overflowing)
+    out = tmp_path / "x.png"
+    assert generate(["--prompt", "a red circle", "--dtype", "float16", "--out", str(out), "--quiet", *STEPS]) == 2
+    assert "bfloat16" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        generate(["--prompt", "a red circle", "--out", str(out), "--quiet", *STEPS])
+    assert not out.exists()
