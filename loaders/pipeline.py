@@ -221,7 +221,7 @@ class Pipeline:
         missing = [i for i in settings.slg_layers if i >= self.config.depth]
         if missing:
             raise InputError(f"skip-layer guidance blocks {missing} do not exist: this model has blocks "
-                             f"0..{self.config.depth - 1}; choose others (slg_layers=() for none)")
+                             f"0..{self.config.depth - 1}; choose others (--slg-layers 3,4 / slg_layers=(3, 4)) or none (--slg-layers '' / slg_layers=())")
         return settings
 
     def __call__(
