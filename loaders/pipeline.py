@@ -221,7 +221,8 @@ class Pipeline:
         missing = [i for i in settings.slg_layers if i >= self.config.depth]
         if missing:
             raise InputError(f"skip-layer guidance blocks {missing} do not exist: this model has blocks "
-                             f"0..{self.config.depth - 1}; choose others (--slg-layers 3,4 / slg_layers=(3, 4)) or none (--slg-layers '' / slg_layers=())")
+                             f"0..{self.config.depth - 1}; choose others (--slg-layers 3,4 / slg_layers=(3, 4)) "
+                             "or none (--slg-layers '' / slg_layers=())")
         return settings
 
     def __call__(
@@ -277,7 +278,7 @@ class Pipeline:
                 raise InputError(f"cfg {settings.cfg} > 1 needs negative_embeds too (or cfg=1)")
             latents = generate_latents(self.transformer(), prompt_embeds, negative_embeds, settings, callback=callback)
             record = self._record(None, negative_prompt, settings, None, length, prompt_embeds.context.shape[0],
-                                  None, dense_strength, dense_preset)
+                                  dense_strength, dense_preset)
             return self._result(latents, {**record, "prompt_embeds": True}, None, ())
         if prompt is None:
             raise InputError("give a prompt (or a layout that has one)")
@@ -299,12 +300,11 @@ class Pipeline:
         latents = generate_latents(self.transformer(), positive, encoded.negative, settings, dense=plan,
                                    callback=callback)
         record = self._record(prompt, negative_prompt, settings, layout, length, positive.context.shape[0],
-                              num_images, dense_strength, dense_preset)
+                              dense_strength, dense_preset)
         return self._result(latents, record, plan.maps if plan is not None else None, tuple(encoded.truncated))
 
     def _record(self, prompt: str | None, negative_prompt: str, settings: Settings, layout: Layout | None,
-                length: int, count: int, num_images: int | None, dense_strength: float,
-                dense_preset: str | DenseConfig) -> dict:
+                length: int, count: int, dense_strength: float, dense_preset: str | DenseConfig) -> dict:
         """What made the image, as it goes into the PNG metadata (enough to make it again)."""
         dense = layout is not None
         return {

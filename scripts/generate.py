@@ -217,6 +217,12 @@ def run(args: argparse.Namespace, say) -> int:
         f"shift {settings.shift}, {settings.width}x{settings.height}, {args.dtype} on {device}"
         + (f"; {len(jobs)} prompts, {len(jobs) - len(todo) if world == 1 else 'some'} already made" if args.prompts else ""))
 
+    conditioning = None  # --prompt-embeds: checked and repeated once, before any weight is loaded
+    if embeds is not None:
+        from loaders.text import conditioning_from_embeds
+
+        conditioning = conditioning_from_embeds(embeds, settings.guidance.cfg_on, args.num_images,
+                                                where=str(args.prompt_embeds))
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -228,12 +234,8 @@ def run(args: argparse.Namespace, say) -> int:
                     max_sequence_length=args.max_sequence_length, dense_strength=args.dense_strength,
                     dense_preset=args.dense_preset, record_maps=args.attention_maps is not None,
                     callback=(lambda i, x: bar.update(1)) if bar else None, **options)
-        if embeds is not None:
-            from loaders.text import conditioning_from_embeds
-
-            positive, negative = conditioning_from_embeds(embeds, settings.guidance.cfg_on, args.num_images,
-                                                          where=str(args.prompt_embeds))
-            result = pipe(prompt_embeds=positive, negative_embeds=negative, **call)
+        if conditioning is not None:
+            result = pipe(prompt_embeds=conditioning[0], negative_embeds=conditioning[1], **call)
             result.record["prompt_embeds"] = str(args.prompt_embeds)
         else:
             result = pipe(job.prompt, layout=job.layout, **call)
@@ -241,7 +243,8 @@ def run(args: argparse.Namespace, say) -> int:
             say(f"warning: {note}")
         for i, path in enumerate(job.outputs):
             if args.overwrite or not path.exists():
-                save_png(path, np.asarray(result.images[i]), {**result.record, "image_index": i}, overwrite=args.overwrite)
+                save_png(path, np.asarray(result.images[i]), {**result.record, "image_index": i},
+                         overwrite=args.overwrite)
         if args.save_latents:
             args.save_latents.parent.mkdir(parents=True, exist_ok=True)
             save_file({"latents": result.latents.float().cpu().contiguous()}, str(args.save_latents))

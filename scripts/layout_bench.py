@@ -44,7 +44,7 @@ from dense import PRESETS, DenseConfig, Layout, Region, region_masks  # noqa: E4
 from dense.schedule import active_steps  # noqa: E402
 from loaders.pipeline import Pipeline, decode_images, denoiser  # noqa: E402
 from loaders.text import encode_prompts  # noqa: E402
-from mmdit.conditioning import Conditioning, assemble  # noqa: E402
+from mmdit.conditioning import Conditioning  # noqa: E402
 from samplers import ModelCall, initial_noise, sample, sigmas  # noqa: E402
 
 CELL = 16  # pixels per image token
@@ -136,12 +136,10 @@ def blend_latents(pipe: Pipeline, case: Case, fraction: float = 0.3) -> torch.Te
     length = pipe.preset.max_sequence_length
     phrases = [r.phrase for r in case.layout.regions]
     e = encode_prompts(pipe.files, [case.caption], [""], max_sequence_length=length,
-                       context_dim=pipe.config.context_dim, extra_texts=phrases)
-    p = e.phrases
-    conds = [assemble(type(p.clip_l)(*(t[k : k + 1] for t in (p.clip_l.penultimate, p.clip_l.pooled))),
-                      type(p.clip_g)(*(t[k : k + 1] for t in (p.clip_g.penultimate, p.clip_g.pooled))),
-                      p.t5[k : k + 1] if p.t5 is not None else None, t5_length=length,
-                      context_dim=pipe.config.context_dim) for k in range(len(phrases))]
+                       context_dim=pipe.config.context_dim)
+    each = encode_prompts(pipe.files, phrases, None, max_sequence_length=length,
+                          context_dim=pipe.config.context_dim).positive  # one row per phrase, encoded alone
+    conds = [Conditioning(each.context[k : k + 1], each.pooled[k : k + 1]) for k in range(len(phrases))]
     masks = region_masks(case.layout, settings.height, settings.width).float()  # (R, H, W)
     m = torch.nn.functional.avg_pool2d(masks[:, None], 8)  # (R, 1, h, w) at the latent grid
     rest = (1 - m.sum(0)).clamp(min=0)
