@@ -18,15 +18,19 @@ from pathlib import Path
 
 import torch
 
+from mmdit.errors import InputError
 from mmdit.model import MMDiT, MMDiTConfig, NotSD3Error
+from mmdit.streaming import offload_blocks
 from mmdit.vae import VAE, VAEConfig
 
-from .safetensors import CheckpointError, load_weights, read_meta, read_shapes, read_tensors, weight_files
-from .transformer_keys import is_diffusers_layout, transformer_from_diffusers
+from .fp8 import check_weights, is_quantized, load_streamed, read_quantization
+from .safetensors import CheckpointError, TensorReader, load_weights, read_meta, read_shapes, read_tensors, weight_files
+from .transformer_keys import diffusers_sources, is_diffusers_layout, transformer_from_diffusers
 from .vae_keys import vae_config_from_diffusers, vae_from_diffusers
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+OFFLOAD = ("none", "blocks")  # where the MM-DiT's weights live: all on the device, or the blocks in CPU memory
 
 # Key fragments of other model families, to say what a wrong file is instead of only what it is not.
 OTHER_FAMILIES = {
@@ -116,18 +120,49 @@ def variant(checkpoint: Checkpoint, config: MMDiTConfig) -> str:
     return config.variant
 
 
+def check_offload(offload: str) -> str:
+    """`offload` if it is one of OFFLOAD, else an InputError that lists them."""
+    if offload not in OFFLOAD:
+        raise InputError(f"offload {offload!r} is not one of {list(OFFLOAD)}: 'blocks' keeps the MM-DiT's joint "
+                         "blocks in CPU memory and streams them to the GPU one at a time; 'none' (the default) "
+                         "puts the whole MM-DiT on the device (--offload blocks / offload='blocks')")
+    return offload
+
+
 def load_transformer(
-    checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    offload: str = "none", weights: str = "full",
 ) -> MMDiT:
-    """The MM-DiT in `dtype` on `device`, built from its weights alone."""
+    """The MM-DiT in `dtype` on `device`, built from its weights alone.
+
+    offload="blocks": the joint blocks stay in CPU memory and are streamed to `device` as they run
+    (`mmdit.streaming`); only the embedders, the position table and the final layer are put on `device`.
+    weights="fp8": every linear layer in float8 with a per-tensor scale, computed in `dtype` (loaders/fp8.py).
+    A ComfyUI float8 file loads either way ("full": dequantised to `dtype`), one tensor at a time.
+    """
+    check_offload(offload)
+    check_weights(weights)
     config = transformer_config(checkpoint)
     files, prefix, _ = _transformer_source(checkpoint)
-    state = read_tensors(files, prefix, device=device)
+    home = "cpu" if offload == "blocks" else device
+    with TensorReader(files, prefix, device=home) as reader:
+        if weights == "fp8" or is_quantized(reader):
+            what = f"MM-DiT from {checkpoint.path}"
+            quant = read_quantization(reader, what)
+            keys = list(quant.weights)
+            sources = diffusers_sources(keys) if is_diffusers_layout(keys) else {k: ((k,), False) for k in keys}
+            with torch.device("meta"):
+                model = MMDiT(config)
+            model = load_streamed(model, reader, quant, sources, what=what, fp8=weights == "fp8", dtype=dtype,
+                                  device=home)
+            return offload_blocks(model, device) if offload == "blocks" else model
+    state = read_tensors(files, prefix, device=home)
     if is_diffusers_layout(state):
         state = transformer_from_diffusers(state)
     with torch.device("meta"):
         model = MMDiT(config)
-    return load_weights(model, state, what=f"MM-DiT from {checkpoint.path}", dtype=dtype, device=device)
+    model = load_weights(model, state, what=f"MM-DiT from {checkpoint.path}", dtype=dtype, device=home)
+    return offload_blocks(model, device) if offload == "blocks" else model
 
 
 def _vae_source(checkpoint: Checkpoint) -> tuple[list[Path], str, dict]:

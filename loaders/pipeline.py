@@ -8,7 +8,7 @@ at a time so that peak memory is about the largest component).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -19,15 +19,32 @@ from dense import AttentionMaps, DenseConfig, DensePlan, Layout
 from mmdit.conditioning import Conditioning
 from mmdit.errors import InputError
 from mmdit.model import MMDiT, MMDiTConfig
-from mmdit.vae import VAE, decode, to_uint8
-from samplers import PRESETS, Denoiser, Guidance, ModelCall, Preset, initial_noise, sample, sigmas
+from mmdit.vae import VAE, decode, encode, to_uint8
+from samplers import (
+    PRESETS, REFERENCE_PRESETS, Denoiser, Guidance, Inpaint, ModelCall, Preset, first_step, initial_noise, noised, sample,
+    sigmas,
+)
 
-from .checkpoint import Checkpoint, load_transformer, load_vae, locate, transformer_config, variant
+from .checkpoint import Checkpoint, check_offload, load_transformer, load_vae, locate, transformer_config, variant
+from .fp8 import check_weights
 from .hub import ModelSource, resolve_model
 from .layout import layout_record, match_layout, plan_layout
+from .lora import LoRA, LoRAFile, check_transformer_loras, lora_records, merge_loras, read_lora
+from .memory import MemoryLog, measure
 from .text import TextFiles, encode_prompts, find_text_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by their CLI names
+
+
+def _device(name: str | torch.device, what: str) -> torch.device:
+    """`name` as a torch.device, or an InputError saying what `what` takes."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"{what} {name!r} is not a device; give e.g. 'cpu' or 'cuda:0'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{what} {name!r}: this machine has no CUDA device; use 'cpu'")
+    return device
 
 
 @dataclass(frozen=True)
@@ -44,11 +61,13 @@ class Settings:
     slg_scale: float = 2.8
     slg_start: float = 0.01
     slg_stop: float = 0.2
+    sampler: str = "euler"  # or "dpmpp_2m" (samplers.SAMPLERS)
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides) -> Settings:
         """The preset's values, with every override that is not None taking precedence."""
-        values = {k: getattr(preset, k) for k in ("steps", "cfg", "shift", "slg_layers", "slg_scale", "slg_start", "slg_stop")}
+        values = {k: getattr(preset, k) for k in ("steps", "cfg", "shift", "slg_layers", "slg_scale", "slg_start",
+                                                   "slg_stop", "sampler")}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -80,21 +99,59 @@ def generate_latents(
     *,
     callback: Callable[[int, Tensor], None] | None = None,
     dense: DensePlan | None = None,
+    start: ImageStart | None = None,
 ) -> Tensor:
     """Final latents (B, C, H/8, W/8) for the B rows of `positive`, in the model's dtype and device.
 
-    The noise is drawn once for the whole batch from a CPU generator seeded with `settings.seed`, as
-    diffusers does with one generator, so the same seed gives the same image.
+    Text-to-image: the noise is drawn once for the whole batch from a CPU generator seeded with
+    `settings.seed`, as diffusers does with one generator, so the same seed gives the same image. Image-to-image
+    and inpainting start from `start` (see `image_start`).
     """
     param = next(model.parameters())
-    noise = initial_noise(
-        positive.context.shape[0], settings.height, settings.width, settings.seed,
-        channels=model.config.in_channels, dtype=param.dtype, device=param.device,
-    )
+    if start is None:
+        x = initial_noise(
+            positive.context.shape[0], settings.height, settings.width, settings.seed,
+            channels=model.config.in_channels, dtype=param.dtype, device=param.device,
+        )
+    else:
+        x = start.latents
     cast = lambda c: None if c is None else Conditioning(c.context.to(param), c.pooled.to(param))  # noqa: E731
     schedule = sigmas(settings.steps, settings.shift)
-    return sample(denoiser(model, dense), noise, schedule, cast(positive), cast(negative), settings.guidance,
-                  callback=callback)
+    return sample(denoiser(model, dense), x, schedule, cast(positive), cast(negative), settings.guidance,
+                  callback=callback, sampler=settings.sampler, first_step=start.first_step if start else 0,
+                  inpaint=start.inpaint if start else None)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageStart:
+    """Where an image-to-image or inpainting run starts: the init image's latent, noised to the first step's σ."""
+
+    latents: Tensor  # (B, C, h, w)
+    first_step: int
+    inpaint: Inpaint | None = None
+
+
+def image_start(vae: VAE, image: Tensor, mask: Tensor | None, settings: Settings, strength: float, batch: int,
+                dtype: torch.dtype) -> ImageStart:
+    """diffusers' `StableDiffusion3Img2ImgPipeline.prepare_latents` (and the inpainting pipeline's, with `mask`).
+
+    `image` (1, 3, H, W) in [-1, 1], `mask` (1, 1, H, W) of 0/1 (`loaders.images`). One CPU generator seeded with
+    `settings.seed` draws, in this order, the VAE posterior sample and then the noise (in `dtype`), as diffusers
+    does with the one generator it is given; the latent is noised to σ at step `first_step(steps, strength)`.
+    """
+    steps = settings.steps
+    first = first_step(steps, strength)
+    device = next(vae.parameters()).device
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    x0 = encode(vae, image.to(device=device, dtype=dtype), generator=generator).to(dtype)  # (1, C, h, w)
+    x0 = x0.repeat(batch, 1, 1, 1)  # (B, C, h, w)
+    noise = torch.randn(x0.shape, generator=generator, dtype=dtype).to(device)
+    latents = noise if strength == 1 else noised(x0, noise, sigmas(steps, settings.shift)[first])
+    inpaint = None
+    if mask is not None:
+        small = torch.nn.functional.interpolate(mask, size=x0.shape[-2:])  # nearest, as the inpainting pipeline
+        inpaint = Inpaint(x0, small.to(device=device, dtype=dtype).repeat(batch, 1, 1, 1), noise)
+    return ImageStart(latents, first, inpaint)
 
 
 def decode_images(vae: VAE, latents: Tensor) -> Tensor:
@@ -116,19 +173,27 @@ class ModelDefaults:
     note: str | None = None  # something the user should be told about the choice
 
 
-def model_defaults(source: ModelSource, checkpoint: Checkpoint, config: MMDiTConfig) -> ModelDefaults:
+PRESET_KINDS = ("diffusers", "reference")
+
+
+def model_defaults(source: ModelSource, checkpoint: Checkpoint, config: MMDiTConfig,
+                   kind: str = "diffusers") -> ModelDefaults:
     """The built-in model's tuned preset, or the release's preset for the architecture the weights have.
 
-    A checkpoint with a release's architecture but another depth (a tiny test model, a pruned or distilled one)
+    `kind` "diffusers" (the default): the model cards' diffusers settings, Euler; "reference": Stability's
+    reference settings and sampler (`samplers.REFERENCE_PRESETS`; for the built-in model, its own preset with
+    DPM-Solver++(2M)). A checkpoint with a release's architecture but another depth (a tiny test model, a pruned or distilled one)
     keeps that release's steps, CFG and shift, but gets no skip-layer guidance: the release's skip-layer blocks
     were chosen for its own depth.
     """
     from .builtin import PRESET, SIZE
 
+    if kind not in PRESET_KINDS:
+        raise InputError(f"unknown preset {kind!r}; choose one of {', '.join(PRESET_KINDS)}")
     name = variant(checkpoint, config)
     if source.builtin:
-        return ModelDefaults(name, PRESET, SIZE)
-    preset = PRESETS[name]
+        return ModelDefaults(name, replace(PRESET, sampler="dpmpp_2m") if kind == "reference" else PRESET, SIZE)
+    preset = (REFERENCE_PRESETS if kind == "reference" else PRESETS)[name]
     if any(i >= config.depth for i in preset.slg_layers):
         note = (f"{checkpoint.name} has the {name} architecture with {config.depth} blocks instead of the "
                 f"release's; its skip-layer guidance (blocks {list(preset.slg_layers)}) is off unless you choose "
@@ -157,6 +222,12 @@ class Pipeline:
     `keep_loaded=False` loads each component for the call that needs it and drops it afterwards, so the peak
     memory is about the largest component (what the CLI does); `True` keeps every component resident once it
     has been used, so repeated calls read nothing from disk.
+    `offload="blocks"` keeps the MM-DiT's joint blocks in CPU memory and streams them to the device as they run
+    (`mmdit.streaming`); `t5_device` runs T5 elsewhere (e.g. "cpu"), in `dtype`. Neither changes the numbers
+    on a CPU-only machine (tests/test_memory.py); README "Memory" says when they help.
+    `weights="fp8"` keeps the MM-DiT's and T5's linear layers in float8 with a per-tensor scale, computed in
+    `dtype` (`loaders.fp8`); ComfyUI's scaled-float8 files load with either setting.
+    `loras`: LoRA files (`loaders.lora`) merged into the MM-DiT and the CLIP encoders each time they load.
     """
 
     source: ModelSource
@@ -168,6 +239,10 @@ class Pipeline:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     keep_loaded: bool = False
+    offload: str = "none"  # one of loaders.checkpoint.OFFLOAD
+    t5_device: torch.device | None = None  # None: T5 runs on `device`
+    weights: str = "full"  # one of loaders.fp8.WEIGHTS
+    loras: tuple[LoRAFile, ...] = ()  # read and checked against the MM-DiT by `load`
     _model: MMDiT | None = None
     _vae: VAE | None = None
     _text: dict | None = None  # tokenizers and text encoders, when kept loaded
@@ -176,14 +251,29 @@ class Pipeline:
     @classmethod
     def load(cls, model: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
              device: str | torch.device | None = None, t5: bool = True, tokenizers: Path | None = None,
-             keep_loaded: bool = False) -> Pipeline:
-        """`model` is what `--model` takes (None: the built-in model)."""
+             keep_loaded: bool = False, offload: str = "none",
+             t5_device: str | torch.device | None = None, weights: str = "full",
+             loras: Sequence[LoRA | str | Path | tuple[str | Path, float]] = (),
+             preset: str = "diffusers") -> Pipeline:
+        """`model` is what `--model` takes (None: the built-in model). `preset`: "diffusers" (default settings,
+        Euler) or "reference" (Stability's reference settings and DPM-Solver++(2M); see `model_defaults`).
+        `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string spelt as `--lora PATH[:SCALE]`, or a
+        (path, scale) pair; their MM-DiT keys are checked here, before any weight is read, their CLIP keys when
+        the encoders load."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_offload(offload)
+        check_weights(weights)
+        t5_device = None if t5_device is None else _device(t5_device, "t5_device (--t5-device)")
         source = resolve_model(None if model is None else str(model), need_t5=t5)
         checkpoint = locate(source.diffusion)
         config = transformer_config(checkpoint)
-        defaults = model_defaults(source, checkpoint, config)
+        defaults = model_defaults(source, checkpoint, config, preset)
+        lora_files = tuple(read_lora(lora) for lora in loras)
+        if lora_files:
+            with torch.device("meta"):  # names and shapes only: a mismatch is reported before anything loads
+                check_transformer_loras(MMDiT(config), lora_files)
         pipe = cls(source, checkpoint, config, defaults, t5, tokenizers, dtype, device, keep_loaded,
+                   offload=offload, t5_device=t5_device, weights=weights, loras=lora_files,
                    _text={} if keep_loaded else None)
         if keep_loaded:
             pipe.transformer(), pipe.autoencoder()
@@ -202,7 +292,12 @@ class Pipeline:
         return self._files
 
     def transformer(self) -> MMDiT:
-        model = self._model or load_transformer(self.checkpoint, dtype=self.dtype, device=self.device)
+        model = self._model
+        if model is None:
+            model = load_transformer(self.checkpoint, dtype=self.dtype, device=self.device, offload=self.offload,
+                                     weights=self.weights)
+            if self.loras:
+                merge_loras(model, self.loras, "transformer")  # into the fresh weights
         if self.keep_loaded:
             self._model = model
         return model
@@ -249,6 +344,11 @@ class Pipeline:
         callback: Callable[[int, Tensor], None] | None = None,
         prompt_embeds: Conditioning | None = None,
         negative_embeds: Conditioning | None = None,
+        memory: MemoryLog | None = None,
+        sampler: str | None = None,
+        init_image: str | Path | object | None = None,
+        strength: float | None = None,
+        mask: str | Path | object | None = None,
     ) -> Result:
         """Generate `num_images` images of `prompt` (one noise draw for the batch, seeded by `seed`).
 
@@ -257,11 +357,29 @@ class Pipeline:
         `dense.DenseConfig`). `record_maps` records the per-phrase attention maps (needs a layout).
         Precomputed conditioning replaces the prompt: `prompt_embeds` (and `negative_embeds` when CFG is on), one
         row per image; then no text encoder runs.
+        `memory`: a `loaders.memory.MemoryLog` that gets each stage's weight bytes and peak memory.
+        `sampler`: "euler" (diffusers') or "dpmpp_2m" (Stability's reference); None: the preset's.
+        `init_image` (a path or PIL image) makes it image-to-image: the run starts from the image noised to the
+        step `strength` selects (default 0.6, diffusers'; 1 ignores its content); the output size defaults to the
+        image's, rounded down to a multiple of 16, and the image is resized (Lanczos) to the size asked for.
+        `mask` (greyscale: white = repaint, black = keep) with an init image makes it inpainting.
         """
         from dense import layout_prompt, parse_layout, read_layout
 
+        from .images import output_size
+
+        if init_image is None and (mask is not None or strength is not None):
+            raise InputError(f"{'a mask' if mask is not None else 'strength'} needs an init image "
+                             "(--init-image / init_image=...)")
+        if init_image is not None and (height is None or width is None):
+            size = output_size(init_image)
+            height, width = height or size[0], width or size[1]
         settings = self.settings(seed=seed, height=height, width=width, steps=steps, cfg=cfg, shift=shift,
-                                 slg_layers=slg_layers, slg_scale=slg_scale, slg_start=slg_start, slg_stop=slg_stop)
+                                 slg_layers=slg_layers, slg_scale=slg_scale, slg_start=slg_start, slg_stop=slg_stop,
+                                 sampler=sampler)
+        strength = (0.6 if strength is None else strength) if init_image is not None else None
+        start = (lambda batch: self._image_start(init_image, mask, settings, strength, batch, memory)) \
+            if init_image is not None else None
         length = max_sequence_length or self.preset.max_sequence_length
         if isinstance(layout, (str, Path)):
             layout = read_layout(layout)
@@ -276,10 +394,14 @@ class Pipeline:
                 raise InputError("give prompt_embeds or a prompt / layout, not both (a layout needs the prompt's text)")
             if settings.guidance.cfg_on and negative_embeds is None:
                 raise InputError(f"cfg {settings.cfg} > 1 needs negative_embeds too (or cfg=1)")
-            latents = generate_latents(self.transformer(), prompt_embeds, negative_embeds, settings, callback=callback)
+            latents = self._sample(prompt_embeds, negative_embeds, settings, None, callback, memory,
+                                   start(prompt_embeds.context.shape[0]) if start else None)
             record = self._record(None, negative_prompt, settings, None, length, prompt_embeds.context.shape[0],
-                                  dense_strength, dense_preset)
-            return self._result(latents, {**record, "prompt_embeds": True}, None, ())
+                                  dense_strength, dense_preset, init_image, strength, mask)
+            skipped = tuple(f"LoRA {f.lora.path.name} also adapts the text encoders; precomputed embeddings do not "
+                            "run them, so that part of it does not apply" for f in self.loras
+                            if set(f.components) - {"transformer"})
+            return self._result(latents, {**record, "prompt_embeds": True}, None, skipped, memory)
         if prompt is None:
             raise InputError("give a prompt (or a layout that has one)")
         match = None
@@ -290,21 +412,47 @@ class Pipeline:
             self.files, [prompt], [negative_prompt] if settings.guidance.cfg_on else None, num_images=num_images,
             max_sequence_length=length, context_dim=self.config.context_dim, dtype=self.dtype, device=self.device,
             extra_texts=match.texts_to_encode if match is not None and dense_strength > 0 else None,
-            keep=self._text,
+            keep=self._text, t5_device=self.t5_device, memory=memory, weights=self.weights, loras=self.loras,
         )
         positive, plan = encoded.positive, None
         if match is not None:
             positive, plan = plan_layout(match, encoded, steps=settings.steps, shift=settings.shift,
                                          strength=dense_strength, preset=dense_preset, record_maps=record_maps,
                                          max_sequence_length=length, device=self.device)
-        latents = generate_latents(self.transformer(), positive, encoded.negative, settings, dense=plan,
-                                   callback=callback)
+        latents = self._sample(positive, encoded.negative, settings, plan, callback, memory,
+                               start(positive.context.shape[0]) if start else None)
         record = self._record(prompt, negative_prompt, settings, layout, length, positive.context.shape[0],
-                              dense_strength, dense_preset)
-        return self._result(latents, record, plan.maps if plan is not None else None, tuple(encoded.truncated))
+                              dense_strength, dense_preset, init_image, strength, mask)
+        return self._result(latents, record, plan.maps if plan is not None else None, tuple(encoded.truncated),
+                            memory)
+
+    def _sample(self, positive: Conditioning, negative: Conditioning | None, settings: Settings,
+                dense: DensePlan | None, callback: Callable[[int, Tensor], None] | None,
+                memory: MemoryLog | None, start: ImageStart | None = None) -> Tensor:
+        """The sampling stage: the MM-DiT (loaded, or the kept one) runs the loop; the final latents."""
+        with measure(memory, "sampling", self.device) as stage:
+            model = self.transformer()
+            stage.weights(model)
+            return generate_latents(model, positive, negative, settings, dense=dense, callback=callback, start=start)
+
+    def _image_start(self, init_image, mask, settings: Settings, strength: float, batch: int,
+                     memory: MemoryLog | None) -> ImageStart:
+        """The VAE-encode stage of image-to-image / inpainting (before the MM-DiT is loaded)."""
+        from .images import read_init_image, read_mask
+
+        image = read_init_image(init_image, settings.height, settings.width)
+        pixels = read_mask(mask, settings.height, settings.width) if mask is not None else None
+        with measure(memory, "VAE encode", self.device) as stage:
+            vae = self.autoencoder()
+            stage.weights(vae)
+            if vae.encoder is None:
+                raise InputError(f"{self.checkpoint.name} has no VAE encoder (decoder-only weights); "
+                                 "image-to-image and inpainting need the encoder")
+            return image_start(vae, image, pixels, settings, strength, batch, self.dtype)
 
     def _record(self, prompt: str | None, negative_prompt: str, settings: Settings, layout: Layout | None,
-                length: int, count: int, dense_strength: float, dense_preset: str | DenseConfig) -> dict:
+                length: int, count: int, dense_strength: float, dense_preset: str | DenseConfig,
+                init_image=None, strength: float | None = None, mask=None) -> dict:
         """What made the image, as it goes into the PNG metadata (enough to make it again)."""
         dense = layout is not None
         return {
@@ -312,12 +460,17 @@ class Pipeline:
             "negative_prompt": negative_prompt, "prompt_embeds": None, **settings.to_dict(),
             "dtype": str(self.dtype).removeprefix("torch."), "max_sequence_length": length,
             "t5": self.use_t5, "num_images": count,
+            **({"weights": self.weights} if self.weights != "full" else {}),  # "full" records nothing, as before
+            **({"loras": lora_records(self.loras)} if self.loras else {}),  # likewise without LoRAs
             "layout": layout_record(layout) if dense else None,
             "dense_strength": dense_strength if dense else None,
             "dense_preset": (dense_preset if isinstance(dense_preset, str) else asdict(dense_preset)) if dense else None,
+            **({"init_image": _name(init_image), "strength": strength} if init_image is not None else {}),
+            **({"mask": _name(mask)} if mask is not None else {}),
         }
 
-    def _result(self, latents: Tensor, record: dict, maps: AttentionMaps | None, warnings: tuple[str, ...]) -> Result:
+    def _result(self, latents: Tensor, record: dict, maps: AttentionMaps | None, warnings: tuple[str, ...],
+                memory: MemoryLog | None) -> Result:
         from PIL import Image
 
         if not torch.isfinite(latents).all():  # decoding would give a black image, and nothing would say why
@@ -325,5 +478,13 @@ class Pipeline:
                 raise InputError("the latents became non-finite (inf or nan) while sampling in float16: SD3's "
                                  "activations can overflow its range; use bfloat16 (--dtype bfloat16) or float32")
             raise FloatingPointError(f"the latents became non-finite (inf or nan) while sampling in {self.dtype}")
-        images = decode_images(self.autoencoder(), latents).cpu()
+        with measure(memory, "VAE", self.device) as stage:
+            vae = self.autoencoder()
+            stage.weights(vae)
+            images = decode_images(vae, latents).cpu()
         return Result([Image.fromarray(im.numpy()) for im in images], latents, record, maps, warnings)
+
+
+def _name(image) -> str:
+    """How an init image or mask is recorded: its path, or a placeholder for an in-memory image."""
+    return str(image) if isinstance(image, (str, Path)) else f"<{type(image).__name__}>"

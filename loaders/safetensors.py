@@ -12,8 +12,10 @@ dtype and device, and hand them to `load_state_dict(strict=True, assign=True)` s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -127,10 +129,109 @@ def read_tensors(
     return tensors
 
 
+# safetensors dtype names (the header's "dtype") of the tensors these models hold
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class TensorReader:
+    """One component's tensors (from one file or its shards), read one at a time when asked for, so that a loader
+    can convert each tensor before it reads the next and the checkpoint is never in memory whole.
+
+    Keys are those under `prefix`, with the prefix stripped; `metadata` is the files' `__metadata__` merged.
+    Use it as a context manager: the files are open inside the `with` block. safetensors (`safe_open`) checks
+    each header; the data is then read with plain file reads into memory of our own, not through safetensors'
+    memory map: pages of a mapped file count as this process's resident memory once touched, and stay mapped
+    while any tensor points into the map, so quantising every weight through the map would put the whole file
+    into the peak resident size (tests/test_fp8.py measures this).
+    """
+
+    def __init__(self, files: Path | Sequence[Path], prefix: str = "", *, device: str | torch.device = "cpu"):
+        self.paths = [_check_file(p) for p in ([files] if isinstance(files, (str, Path)) else files)]
+        self.prefix, self.device = prefix, torch.device(device)
+        self.metadata: dict[str, str] = {}
+        self._where: dict[str, tuple[BinaryIO, int, int, tuple[int, ...], str]] = {}  # file, start, end, shape, dtype
+        self._files = ExitStack()
+
+    def __enter__(self) -> TensorReader:
+        try:
+            for path in self.paths:
+                self._index(path)
+        except BaseException:
+            self._files.close()
+            raise
+        return self
+
+    def _index(self, path: Path) -> None:
+        with _open(path) as f:  # validates the header (offsets, dtypes, sizes) or says the file is corrupt
+            self.metadata.update(f.metadata() or {})
+        handle = self._files.enter_context(open(path, "rb"))
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        for key, entry in header.items():
+            if key == "__metadata__" or not key.startswith(self.prefix):
+                continue
+            name = key[len(self.prefix) :]
+            if name in self._where:
+                raise CheckpointError(f"{path}: tensor {key!r} appears in more than one shard")
+            begin, end = entry["data_offsets"]
+            self._where[name] = (handle, 8 + size + begin, 8 + size + end, tuple(entry["shape"]), entry["dtype"])
+
+    def __exit__(self, *exc) -> None:
+        self._files.close()
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key][3]
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The stored dtype (None for a kind torch has no name for here)."""
+        return DTYPES.get(self._where[key][4])
+
+    def read(self, key: str) -> Tensor:
+        handle, begin, end, shape, dtype = self._where[key]
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{handle.name}: tensor {key!r} has dtype {dtype}, which is not read here")
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        handle.seek(begin)
+        if handle.readinto(memoryview(data.numpy())) != end - begin:
+            raise CheckpointError(f"{handle.name}: tensor {key!r} is cut short; the file is truncated, "
+                                  "download it again")
+        t = data.view(DTYPES[dtype]).reshape(shape)
+        return t if self.device.type == "cpu" else t.to(self.device)
+
+
 def _listing(keys: Iterable[str], limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def check_fits(module: nn.Module, shapes: Mapping[str, tuple[int, ...]], *, what: str) -> None:
+    """A CheckpointError naming every missing, unexpected and wrongly shaped tensor, if `shapes` (key -> shape
+    of the tensors about to be loaded) does not match `module`'s state dict exactly."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = expected.keys() - shapes.keys()
+    unexpected = shapes.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_listing(unexpected)}")
+    wrong = [
+        f"{k} (expected {list(expected[k])}, found {list(shapes[k])})"
+        for k in sorted(expected.keys() & shapes.keys())
+        if tuple(shapes[k]) != expected[k]
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: " + "; ".join(wrong[:8]))
+    if problems:
+        raise CheckpointError(f"{what}: the weights do not fit the model: " + " | ".join(problems))
 
 
 def load_weights(
@@ -148,24 +249,7 @@ def load_weights(
     says True; integer tensors keep their dtype. `state` is consumed: each entry is replaced by its cast copy
     as we go, so peak memory is the checkpoint plus one tensor. Returns the module in eval mode, without grads.
     """
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = expected.keys() - state.keys()
-    unexpected = state.keys() - expected.keys()
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {_listing(unexpected)}")
-    wrong = [
-        f"{k} (expected {list(expected[k])}, found {list(state[k].shape)})"
-        for k in sorted(expected.keys() & state.keys())
-        if tuple(state[k].shape) != expected[k]
-    ]
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of the wrong shape: " + "; ".join(wrong[:8]))
-    if problems:
-        raise CheckpointError(f"{what}: the weights do not fit the model: " + " | ".join(problems))
-
+    check_fits(module, {k: tuple(t.shape) for k, t in state.items()}, what=what)
     for key in list(state):
         t = state[key]
         if t.is_floating_point():

@@ -19,6 +19,8 @@ from mmdit.clip import CLIPOutput
 from mmdit.conditioning import Conditioning, assemble, repeat_for_images
 from mmdit.errors import InputError, MissingInputError
 
+from .memory import MemoryLog, measure
+from .lora import LoRAFile, merge_loras
 from .safetensors import read_shapes
 from .text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
 from .tokenizers import ClipTokenizer, T5Tokenizer
@@ -112,8 +114,9 @@ def find_text_files(model: Path, *, use_t5: bool = True, tokenizers: Path | None
         clip_l, clip_g = EncoderFile(folder / "clip_l.safetensors"), EncoderFile(folder / "clip_g.safetensors")
         t5 = None
         if use_t5:
-            t5 = next((EncoderFile(folder / n) for n in ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors")
-                       if (folder / n).is_file()), EncoderFile(folder / "t5xxl_fp16.safetensors"))
+            names = ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors")
+            t5 = next((EncoderFile(folder / n) for n in names if (folder / n).is_file()),
+                      EncoderFile(folder / "t5xxl_fp16.safetensors"))
     missing = [str(f.path) for f in (clip_l, clip_g, t5) if f is not None and not f.path.is_file()]
     if missing:
         raise MissingInputError(
@@ -151,6 +154,7 @@ class EncodedPrompts:
     tokens: PromptTokens
     truncated: list[str]  # one message per cut prompt, for the CLI to show
     phrases: Encoded | None = None  # the extra texts' encodings, when asked for
+    encoders: tuple[Encoded, ...] = ()  # each encoder's own outputs, per group (prompts, negatives, extra texts)
 
 
 def _release_memory() -> None:
@@ -168,6 +172,10 @@ def encode_texts(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     keep: dict | None = None,
+    t5_device: str | torch.device | None = None,
+    memory: MemoryLog | None = None,
+    weights: str = "full",
+    loras: Sequence[LoRAFile] = (),
 ) -> tuple[list[Encoded], list[str], PromptTokens]:
     """Run every group of texts through CLIP-L, CLIP-G and T5, one encoder in memory at a time.
 
@@ -175,7 +183,13 @@ def encode_texts(
     Returns the encodings per group, the truncation messages of group 0, and group 0's first prompt's ids.
     With `keep` (a dict owned by the caller) the tokenizers and encoders are loaded once, kept in it and
     reused by later calls, instead of being loaded and freed each time.
+    `t5_device`: where T5 runs, in `dtype` like the others (default `device`); its output is moved to `device`.
+    `memory`: a log that gets one stage per encoder. `weights`: "fp8" keeps T5's linear layers in float8
+    (`loaders.fp8`); the CLIPs are small and stay in `dtype`. `loras`: their CLIP-L / CLIP-G parts are merged
+    into those encoders as they load (`loaders.lora`).
     """
+    device = torch.device(device)
+    t5_device = device if t5_device is None else torch.device(t5_device)
     notes: list[str] = []
     outputs: dict[str, list] = {}
     cache = keep if keep is not None else {}
@@ -193,26 +207,33 @@ def encode_texts(
     if files.t5 is not None:
         stages.append(("T5", tok_t5, max_sequence_length, files.t5, None))
     for name, tokenizer, length, where, activation in stages:
-        tokens = [tokenizer.encode(list(texts), length) for texts in groups]
-        for text, cut in zip(groups[0], tokens[0].truncated):
-            if cut:
-                notes.append(f"{name} keeps {length} tokens: the end of the prompt {text!r} was cut: {cut!r}")
-        first_ids[name] = tokens[0].ids[0].tolist()
-        if name in cache:
-            encoder = cache[name]
-        elif activation is None:
-            encoder = load_t5(where.path, prefix=where.prefix, dtype=dtype, device=device)
-        else:
-            encoder = load_clip(where.path, prefix=where.prefix, activation=activation, dtype=dtype, device=device)
-        with torch.inference_mode():
-            outputs[name] = [encoder(t.ids.to(device)) for t in tokens]
-        if keep is not None:
-            keep[name] = encoder
-        # Drop our only reference before the next encoder is loaded, so one encoder is in memory at a time
-        # (a helper that `del`s its own argument would leave this name holding it).
-        del encoder
-        if keep is None:
-            _release_memory()
+        runs_on = t5_device if activation is None else device
+        with measure(memory, name, device) as stage:
+            tokens = [tokenizer.encode(list(texts), length) for texts in groups]
+            for text, cut in zip(groups[0], tokens[0].truncated):
+                if cut:
+                    notes.append(f"{name} keeps {length} tokens: the end of the prompt {text!r} was cut: {cut!r}")
+            first_ids[name] = tokens[0].ids[0].tolist()
+            if name in cache:
+                encoder = cache[name]
+            elif activation is None:
+                encoder = load_t5(where.path, prefix=where.prefix, dtype=dtype, device=runs_on, weights=weights)
+            else:
+                encoder = load_clip(where.path, prefix=where.prefix, activation=activation, dtype=dtype, device=device)
+                if loras:
+                    merge_loras(encoder, loras, "clip_l" if name == "CLIP-L" else "clip_g")
+            stage.weights(encoder)
+            with torch.inference_mode():
+                outputs[name] = [encoder(t.ids.to(runs_on)) for t in tokens]
+                if runs_on != device:  # T5 ran elsewhere: its (B, L, D) output joins the CLIP outputs
+                    outputs[name] = [h.to(device) for h in outputs[name]]
+            if keep is not None:
+                keep[name] = encoder
+            # Drop our only reference before the next encoder is loaded, so one encoder is in memory at a time
+            # (a helper that `del`s its own argument would leave this name holding it).
+            del encoder
+            if keep is None:
+                _release_memory()
     encoded = [
         Encoded(outputs["CLIP-L"][i], outputs["CLIP-G"][i], outputs["T5"][i] if "T5" in outputs else None)
         for i in range(len(groups))
@@ -233,17 +254,23 @@ def encode_prompts(
     device: str | torch.device = "cpu",
     extra_texts: list[str] | None = None,
     keep: dict | None = None,
+    t5_device: str | torch.device | None = None,
+    memory: MemoryLog | None = None,
+    weights: str = "full",
+    loras: Sequence[LoRAFile] = (),
 ) -> EncodedPrompts:
     """diffusers' `encode_prompt`: positive (and negative, for CFG) conditioning, each prompt `num_images` times.
 
     `negative_prompts` None means CFG is off (no negative is encoded). `extra_texts` (DenseDiffusion's phrases)
-    are encoded alone, in their own call, with the same settings.
+    are encoded alone, in their own call, with the same settings. `t5_device`, `memory`, `weights`, `loras`: see
+    `encode_texts`.
     """
     groups = [prompts] + ([negative_prompts] if negative_prompts is not None else [])
     if extra_texts:
         groups.append(extra_texts)
     encoded, notes, ids = encode_texts(files, groups, max_sequence_length=max_sequence_length, dtype=dtype,
-                                       device=device, keep=keep)
+                                       device=device, keep=keep, t5_device=t5_device, memory=memory,
+                                       weights=weights, loras=loras)
     length = max_sequence_length
 
     def conditioning(e: Encoded) -> Conditioning:
@@ -252,4 +279,4 @@ def encode_prompts(
 
     positive = conditioning(encoded[0])
     negative = conditioning(encoded[1]) if negative_prompts is not None else None
-    return EncodedPrompts(positive, negative, ids, notes, encoded[-1] if extra_texts else None)
+    return EncodedPrompts(positive, negative, ids, notes, encoded[-1] if extra_texts else None, tuple(encoded))

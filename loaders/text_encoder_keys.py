@@ -22,7 +22,8 @@ All of them use transformers' names, which are our module names, so the key maps
 * T5: the embedding is `shared.weight` and/or its tied copy `encoder.embed_tokens.weight`; whichever exists
   becomes `shared.weight` (`shared` wins when both do). A full T5's decoder and LM head are dropped.
 float8 files (`t5xxl_fp8_e4m3fn`) need nothing special: `load_weights` upcasts float8 tensors to the dtype asked
-for (float8 -> float16/32 is exact).
+for (float8 -> float16/32 is exact). ComfyUI's scaled-float8 T5 (`t5xxl_fp8_e4m3fn_scaled`, or inside an
+all-in-one checkpoint), and `weights="fp8"`, load through `loaders.fp8.load_streamed`.
 
 float16 T5: like transformers' `from_pretrained(torch_dtype=float16)` (`_keep_in_fp32_modules = ["wo"]`), the
 feed-forward output weights `wo` stay float32 (2 GB more for T5-XXL); see mmdit/t5.py for why.
@@ -41,7 +42,9 @@ from torch import Tensor
 from mmdit.clip import CLIPConfig, CLIPTextModel
 from mmdit.t5 import T5Config, T5Encoder
 
-from .safetensors import CheckpointError, load_weights, read_shapes, read_tensors, weight_files
+from .fp8 import (METADATA_KEY, UnsupportedQuantization, check_weights, is_quantized, load_streamed, plain_keys,
+                  read_quantization)
+from .safetensors import CheckpointError, TensorReader, load_weights, read_meta, read_shapes, read_tensors, weight_files
 
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
@@ -139,8 +142,8 @@ def t5_state_dict(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official T5 encoder tensors -> `mmdit.t5.T5Encoder` state dict (tensors or meta tensors)."""
     if any(k.endswith(("scale_weight", "scaled_fp8")) for k in raw):
         raise CheckpointError(
-            "this T5 file is a scaled-float8 variant (per-tensor scale_weight); it is not supported: "
-            "use t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors"
+            "these T5 tensors include scaled-float8 bookkeeping (scale_weight / scaled_fp8), which this key map "
+            "does not apply: load such files with load_t5, which reads them (loaders/fp8.py)"
         )
     if "encoder.block.0.layer.1.DenseReluDense.wi.weight" in raw:
         raise CheckpointError("this is a T5 v1.0 (ReLU) encoder; SD3 uses T5 v1.1 (gated GELU, wi_0/wi_1)")
@@ -186,24 +189,12 @@ def _check_found(
     )
 
 
-def load_clip(
-    files: str | Path | Sequence[str | Path],
-    *,
-    activation: str,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    num_heads: int | None = None,
-    prefix: str = "",
-) -> CLIPTextModel:
-    """A CLIP text encoder in `dtype` on `device`.
-
-    `files`: a diffusers component folder (`text_encoder/`, `text_encoder_2/`), a single file, or shards;
-    `prefix`: CLIP_L_PREFIX / CLIP_G_PREFIX for a combined checkpoint. `activation`: "quick_gelu" for CLIP-L,
-    "gelu" for CLIP-G (checked against config.json when there is one). The "quick_gelu" tower is taken to be
-    SD3's CLIP-L: loaded from Stability files (not a folder) its projection is the identity (module docstring).
-    Heads: `num_heads`, else config.json, else width // 64. Pooling rule: config.json's eos_token_id (see
-    `clip_pooling_rule`), else argmax.
-    """
+def clip_config(
+    files: str | Path | Sequence[str | Path], *, activation: str, num_heads: int | None = None, prefix: str = ""
+) -> CLIPConfig:
+    """The configuration `load_clip` builds for these files, from their headers and config.json (no tensor data
+    is read). Heads: `num_heads`, else config.json, else width // 64. Pooling rule: config.json's eos_token_id
+    (see `clip_pooling_rule`), else argmax."""
     paths, found, folder = _sources(files)
     config = found or TextEncoderJson()
     what = f"CLIP text encoder from {_describe(paths, prefix)}"
@@ -216,8 +207,7 @@ def load_clip(
         raise CheckpointError(f"{what}: num_heads={num_heads} but config.json says {config.num_heads}")
     markers = ("text_model.encoder.layers.0.mlp.fc1.weight", "encoder.layers.0.mlp.fc1.weight")
     _check_found(read_shapes(paths, prefix), markers, paths, prefix, "CLIP text-model")
-    raw = read_tensors(paths, prefix, device=device)
-    state = clip_state_dict(raw, identity_projection=activation == "quick_gelu" and not folder)
+    state = clip_state_dict(read_meta(paths, prefix), identity_projection=activation == "quick_gelu" and not folder)
     try:
         cfg = CLIPConfig.from_state_dict(
             state,
@@ -225,16 +215,45 @@ def load_clip(
             num_heads=num_heads if num_heads is not None else config.num_heads,
             eos_token_id=clip_pooling_rule(config.eos_token_id),
         )
-        if config.eps is not None:
-            cfg = replace(cfg, eps=config.eps)
     except ValueError as e:
         fix = ""
         if "multiple of 64" in str(e):
             where = paths[0].parent / "config.json" if folder else paths[0].with_suffix(".json")
             fix = f"; write its transformers config.json (with num_attention_heads) to {where}"
         raise CheckpointError(f"{what}: {e}{fix}") from None
+    return cfg if config.eps is None else replace(cfg, eps=config.eps)
+
+
+def load_clip(
+    files: str | Path | Sequence[str | Path],
+    *,
+    activation: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+    prefix: str = "",
+) -> CLIPTextModel:
+    """A CLIP text encoder in `dtype` on `device`, configured by `clip_config`.
+
+    `files`: a diffusers component folder (`text_encoder/`, `text_encoder_2/`), a single file, or shards;
+    `prefix`: CLIP_L_PREFIX / CLIP_G_PREFIX for a combined checkpoint. `activation`: "quick_gelu" for CLIP-L,
+    "gelu" for CLIP-G (checked against config.json when there is one). The "quick_gelu" tower is taken to be
+    SD3's CLIP-L: loaded from Stability files (not a folder) its projection is the identity (module docstring).
+    """
+    cfg = clip_config(files, activation=activation, num_heads=num_heads, prefix=prefix)
+    paths, _, folder = _sources(files)
+    with TensorReader(paths, prefix) as reader:
+        if is_quantized(reader):  # ComfyUI scales only T5 and the MM-DiT (t5xxl_scaled_fp8 in sd3_clip.py)
+            found = sorted(set(reader.keys()) - set(plain_keys(reader.keys())))[:3] or [METADATA_KEY]
+            raise UnsupportedQuantization(
+                f"CLIP text encoder from {_describe(paths, prefix)}: stored as scaled float8 ({', '.join(found)} ...); "
+                "scaled float8 is read for the MM-DiT and T5 only: use a 16-bit (or plain float8) CLIP file"
+            )
+    raw = read_tensors(paths, prefix, device=device)
+    state = clip_state_dict(raw, identity_projection=activation == "quick_gelu" and not folder)
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
+    what = f"CLIP text encoder from {_describe(paths, prefix)}"
     return load_weights(model, state, what=what, dtype=dtype, device=device)
 
 
@@ -245,20 +264,10 @@ def t5_fp32_keys(dtype: torch.dtype) -> Callable[[str], bool] | None:
     return lambda key: key.endswith(".DenseReluDense.wo.weight")
 
 
-def load_t5(
-    files: str | Path | Sequence[str | Path],
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    num_heads: int | None = None,
-    prefix: str = "",
-) -> T5Encoder:
-    """The T5 v1.1 encoder in `dtype` on `device` (float16: `wo` kept float32, as transformers does).
-
-    `files`: a diffusers folder (`text_encoder_3/`, sharded or not), a single file (t5xxl_fp16 / fp8_e4m3fn),
-    or shards; `prefix`: T5_PREFIX for a combined checkpoint. The head count comes from the weights (the
-    relative-attention table); `num_heads` and config.json are only checked against it.
-    """
+def t5_config(files: str | Path | Sequence[str | Path], *, num_heads: int | None = None, prefix: str = "") -> T5Config:
+    """The configuration `load_t5` builds for these files, from their headers and config.json (no tensor data
+    is read). The head count comes from the weights (the relative-attention table); `num_heads` and config.json
+    are only checked against it."""
     paths, config, _ = _sources(files)
     config = config or TextEncoderJson()
     what = f"T5 encoder from {_describe(paths, prefix)}"
@@ -268,17 +277,49 @@ def load_t5(
         )
     markers = ("encoder.block.0.layer.0.SelfAttention.q.weight",)
     _check_found(read_shapes(paths, prefix), markers, paths, prefix, "T5 encoder")
-    state = t5_state_dict(read_tensors(paths, prefix, device=device))
     try:
+        meta = read_meta(paths, prefix)
         cfg = T5Config.from_state_dict(
-            state,
+            t5_state_dict({k: meta[k] for k in plain_keys(meta)}),
             num_heads if num_heads is not None else config.num_heads,
             max_distance=config.max_distance if config.max_distance is not None else 128,
         )
-        if config.eps is not None:
-            cfg = replace(cfg, eps=config.eps)
     except ValueError as e:
         raise CheckpointError(f"{what}: {e}") from None
+    return cfg if config.eps is None else replace(cfg, eps=config.eps)
+
+
+def load_t5(
+    files: str | Path | Sequence[str | Path],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+    prefix: str = "",
+    weights: str = "full",
+) -> T5Encoder:
+    """The T5 v1.1 encoder in `dtype` on `device` (float16: `wo` kept float32, as transformers does), configured
+    by `t5_config`.
+
+    `files`: a diffusers folder (`text_encoder_3/`, sharded or not), a single file (t5xxl_fp16 / fp8_e4m3fn /
+    ComfyUI's fp8_e4m3fn_scaled), or shards; `prefix`: T5_PREFIX for a combined checkpoint. weights="fp8": the
+    linear layers in float8 with a per-tensor scale, computed in `dtype` (`wo` in float32 under float16).
+    """
+    check_weights(weights)
+    cfg = t5_config(files, num_heads=num_heads, prefix=prefix)
+    paths, _, _ = _sources(files)
+    with TensorReader(paths, prefix, device=device) as reader:
+        if weights == "fp8" or is_quantized(reader):
+            what = f"T5 encoder from {_describe(paths, prefix)}"
+            quant = read_quantization(reader, what)
+            # t5_state_dict only renames and drops keys, so on {key: key} it says where each tensor comes from
+            sources = {ours: ((key,), False) for ours, key in t5_state_dict({k: k for k in quant.weights}).items()}
+            with torch.device("meta"):
+                model = T5Encoder(cfg)
+            return load_streamed(model, reader, quant, sources, what=what, fp8=weights == "fp8", dtype=dtype,
+                                 device=device, fp32_keys=t5_fp32_keys(dtype))
+    state = t5_state_dict(read_tensors(paths, prefix, device=device))
     with torch.device("meta"):
         model = T5Encoder(cfg)
+    what = f"T5 encoder from {_describe(paths, prefix)}"
     return load_weights(model, state, what=what, dtype=dtype, device=device, fp32_keys=t5_fp32_keys(dtype))

@@ -65,6 +65,13 @@ def _module_pairs(depth: int) -> list[tuple[str, tuple[str, ...], bool]]:
     return pairs
 
 
+def module_pairs(depth: int) -> list[tuple[str, tuple[str, ...], bool]]:
+    """The module-level map, for code that maps names rather than state dicts (`loaders.lora`): per module of a
+    depth-`depth` model, (our path, its diffusers path(s), whose weights are concatenated along dim 0 in this
+    order, and whether its (shift, scale) halves are swapped)."""
+    return _module_pairs(depth)
+
+
 def _depth(sd: dict[str, Tensor], pattern: str) -> int:
     blocks = [int(m.group(1)) for k in sd if (m := re.match(pattern, k))]
     return max(blocks) + 1 if blocks else 0
@@ -113,4 +120,24 @@ def transformer_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                 out[f"{path}.{param}"] = part
             used.add(key)
     out.update({k: v for k, v in sd.items() if k not in used})
+    return out
+
+
+def diffusers_sources(keys: list[str]) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """`transformer_from_diffusers` as a recipe, for loaders that read one tensor at a time: for each tensor of
+    the Stability layout, the diffusers keys it is made of (concatenated along dim 0, in this order) and whether
+    its halves are then swapped. Keys the map does not know stand for themselves, as they pass through above."""
+    present = set(keys)
+    out: dict[str, tuple[tuple[str, ...], bool]] = {}
+    used: set[str] = set()
+    if "pos_embed.pos_embed" in present:
+        out["pos_embed"] = (("pos_embed.pos_embed",), False)
+        used.add("pos_embed.pos_embed")
+    for ours, theirs, swap in _module_pairs(_depth(keys, r"transformer_blocks\.(\d+)\.")):
+        for param in ("weight", "bias"):
+            parts = tuple(f"{p}.{param}" for p in theirs)
+            if all(k in present for k in parts):
+                out[f"{ours}.{param}"] = (parts, swap)
+                used.update(parts)
+    out.update({k: ((k,), False) for k in keys if k not in used})
     return out

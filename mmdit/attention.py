@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .fp8 import linear_rows
+
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
     from dense import DenseAttention
 
@@ -63,8 +65,7 @@ class SelfAttention(nn.Module):
 
     def kv_heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, D) -> k, v each (B, H, L, Dh): for tokens that are only attended to, never attend."""
-        dim = self.qkv.in_features
-        kv = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:])  # the k and v rows of the fused weight
+        kv = linear_rows(self.qkv, x, self.qkv.in_features)  # the k and v rows of the fused weight
         k, v = rearrange(kv, "B L (K H Dh) -> K B H L Dh", K=2, H=self.num_heads)
         return (self.ln_k(k) if self.ln_k is not None else k), v
 

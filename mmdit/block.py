@@ -36,6 +36,13 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, L, D) by (B, D) per sample
 
 
+def clamp_fp16(x: Tensor) -> Tensor:
+    """A float16 residual stream that passed ±65504 is held there instead of becoming inf, which the next
+    LayerNorm would turn into NaN for the whole token (docs/numerics.md §9.8). Any other dtype is returned as it
+    is, and finite float16 values are unchanged, so no result without an overflow changes by a bit."""
+    return x.clamp(-65504.0, 65504.0) if x.dtype == torch.float16 else x
+
+
 @dataclass(frozen=True)
 class Modulation:
     """One sub-layer's adaLN-Zero vectors, each (B, D)."""
@@ -81,12 +88,12 @@ class StreamBlock(nn.Module):
     def post_attention(self, x: Tensor, attn_out: Tensor, prep: Prepared, dense: DenseAttention | None) -> Tensor:
         """attn_out: this stream's rows of the joint attention output, (B, L, D)."""
         msa, mlp = prep.mods[0], prep.mods[1]
-        x = x + msa.gate[:, None] * self.attn.proj(attn_out)
+        x = clamp_fp16(x + msa.gate[:, None] * self.attn.proj(attn_out))
         if self.attn2 is not None:  # MMDiT-X: image-only attention, added after the joint one
             msa2 = prep.mods[2]
             q, k, v = self.attn2.qkv_heads(modulate(prep.normed, msa2.shift, msa2.scale))
-            x = x + msa2.gate[:, None] * self.attn2.proj(merge_heads(attention(q, k, v, dense)))
-        return x + mlp.gate[:, None] * self.mlp(modulate(layer_norm(x), mlp.shift, mlp.scale))
+            x = clamp_fp16(x + msa2.gate[:, None] * self.attn2.proj(merge_heads(attention(q, k, v, dense))))
+        return clamp_fp16(x + mlp.gate[:, None] * self.mlp(modulate(layer_norm(x), mlp.shift, mlp.scale)))
 
 
 class PreOnlyBlock(nn.Module):

@@ -32,6 +32,8 @@ from .errors import InputError
 if TYPE_CHECKING:
     from dense import DenseAttention
 
+    from .streaming import BlockStreamer
+
 # Keys every SD3-family MM-DiT has (Stability layout, prefix stripped); their absence means "not SD3".
 REQUIRED_KEYS = (
     "x_embedder.proj.weight",
@@ -138,6 +140,8 @@ class MMDiT(nn.Module):
             for i in range(cfg.depth)
         )
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
+        # Set by `mmdit.streaming.offload_blocks`: the blocks then live in host memory and visit the device to run.
+        self.streamer: BlockStreamer | None = None
 
     def forward(
         self,
@@ -163,8 +167,8 @@ class MMDiT(nn.Module):
         tokens = (tokens + cropped_pos_embed(self.pos_embed, h, w)).to(tokens.dtype)
         vec = self.t_embedder(timestep_frequencies(t).to(pooled.dtype)) + self.y_embedder(pooled)  # (B, D)
         c = self.context_embedder(context)  # (B, S, D)
-        for i, block in enumerate(self.joint_blocks):
-            if i not in skip_layers:
-                tokens, c = block(tokens, c, vec, dense)
+        blocks = [block for i, block in enumerate(self.joint_blocks) if i not in skip_layers]
+        for block in blocks if self.streamer is None else self.streamer.stream(blocks):
+            tokens, c = block(tokens, c, vec, dense)
         out = self.final_layer(tokens, vec)  # (B, h*w, p*p*C)
         return rearrange(out, "B (h w) (p q C) -> B C (h p) (w q)", h=h, p=p, q=p)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fp8 import compute_dtype
+
 
 @dataclass(frozen=True)
 class T5Config:
@@ -182,7 +184,7 @@ class T5GatedFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         g = gelu_tanh(self.wi_0(x)) * self.wi_1(x)  # (B, L, d_ff)
         # wo may be float32 while the rest is float16 (see module docstring): feed it its own dtype.
-        return self.wo(g.to(self.wo.weight.dtype))  # (B, L, D)
+        return self.wo(g.to(compute_dtype(self.wo)))  # (B, L, D)
 
 
 class T5SelfAttentionLayer(nn.Module):

@@ -1,22 +1,30 @@
-"""Rectified-flow sampling for SD3 / SD3.5: schedule, guidance, Euler steps and the loop (pure functions)."""
+"""Rectified-flow sampling for SD3 / SD3.5: schedule, guidance, Euler and DPM-Solver++(2M) steps, the loop (pure functions)."""
 
 from __future__ import annotations
 
+from samplers.dpmpp import denoised, dpmpp_2m_step
 from samplers.euler import euler_step
 from samplers.guidance import Guidance, cfg, slg, slg_active
-from samplers.presets import PRESETS, Preset
-from samplers.loop import Denoiser, ModelCall, initial_noise, sample
-from samplers.schedule import shifted, sigmas, timesteps, unshifted
+from samplers.presets import PRESETS, REFERENCE_PRESETS, Preset
+from samplers.loop import SAMPLERS, Denoiser, Inpaint, ModelCall, initial_noise, sample
+from samplers.schedule import first_step, noised, shifted, sigmas, timesteps, unshifted
 
 __all__ = [
     "PRESETS",
+    "REFERENCE_PRESETS",
+    "SAMPLERS",
     "Denoiser",
     "Guidance",
+    "Inpaint",
     "ModelCall",
     "Preset",
     "cfg",
+    "denoised",
+    "dpmpp_2m_step",
     "euler_step",
+    "first_step",
     "initial_noise",
+    "noised",
     "sample",
     "shifted",
     "sigmas",

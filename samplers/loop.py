@@ -10,7 +10,14 @@ Per step i, with B images:
    first), at time ``t_i = σ_i·1000`` for every row; the two halves are combined with :func:`cfg`.
    CFG off: one pass over ``x`` with the positive conditioning.
 2. SLG on and inside its step window: one more pass over the positive rows only, with some blocks skipped.
-3. :func:`euler_step` from σ_i to σ_{i+1}.
+3. :func:`euler_step` from σ_i to σ_{i+1} (``sampler="euler"``, diffusers' scheduler), or a DPM-Solver++(2M) step
+   on the data prediction x̂0 = x − σ_i·v (``"dpmpp_2m"``, Stability's reference sampler; samplers/dpmpp.py).
+4. Inpainting: the part of the latent outside the mask is put back to the init image's latent, noised to
+   σ_{i+1} (:class:`Inpaint`).
+
+Image-to-image starts later in the same schedule (``first_step``, from :func:`samplers.schedule.first_step`), on
+the init image's latent noised to σ_first (:func:`samplers.schedule.noised`), as diffusers'
+``StableDiffusion3Img2ImgPipeline`` does.
 """
 
 from __future__ import annotations
@@ -23,9 +30,30 @@ from torch import Tensor
 
 from mmdit.conditioning import Conditioning
 from mmdit.errors import InputError
+from samplers.dpmpp import denoised, dpmpp_2m_step
 from samplers.euler import euler_step
 from samplers.guidance import Guidance, cfg, slg, slg_active
-from samplers.schedule import timesteps
+from samplers.schedule import noised, timesteps
+
+SAMPLERS = ("euler", "dpmpp_2m")
+
+
+@dataclass(frozen=True)
+class Inpaint:
+    """What inpainting keeps: outside the mask, the latent is the init image's, at the current noise level.
+
+    After every step, diffusers' ``StableDiffusion3InpaintPipeline`` replaces the latent by
+    ``(1 − mask)·noised(image, σ_{i+1}) + mask·x`` (the image un-noised after the last step), so only the masked
+    region (mask 1) is generated; the noise is the same draw that started the run.
+    """
+
+    image: Tensor  # (B, C, h, w) the init image's latent
+    mask: Tensor  # (B, 1, h, w) 1 where the image is repainted, 0 where it is kept
+    noise: Tensor  # (B, C, h, w)
+
+    def blend(self, x: Tensor, sigma_next: Tensor, last: bool) -> Tensor:
+        kept = self.image if last else noised(self.image, self.noise, sigma_next)
+        return (1 - self.mask) * kept + self.mask * x
 
 
 @dataclass(frozen=True)
@@ -54,8 +82,15 @@ def sample(
     guidance: Guidance,
     *,
     callback: Callable[[int, Tensor], None] | None = None,
+    sampler: str = "euler",
+    first_step: int = 0,
+    inpaint: Inpaint | None = None,
 ) -> Tensor:
     """Integrate from ``noise`` (B, C, h, w) at ``σ_0 = 1`` down the schedule ``sigmas`` (N+1,) to a clean latent.
+
+    Image-to-image: ``noise`` is the init image's latent noised to ``σ_first_step`` and the run starts at step
+    ``first_step`` (steps keep their indices, so SLG windows and DenseDiffusion schedules are those of the
+    whole run). ``inpaint`` keeps the unmasked part of the image after every step.
 
     ``positive``/``negative`` hold one row per image (batch B); ``negative`` is only used, and then required,
     when ``guidance.cfg_on``. ``callback(i, x)`` is called after step i with the new latent. Returns the
@@ -67,6 +102,8 @@ def sample(
     """
     batch = noise.shape[0]
     _check_inputs(noise, sigmas, positive, negative, guidance)
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     sigmas = sigmas.to(device=noise.device, dtype=torch.float32)  # diffusers keeps σ on the model's device
     times = timesteps(sigmas)  # (N,)
     steps = times.shape[0]
@@ -83,8 +120,10 @@ def sample(
         cond = positive
         rows = slice(0, batch)
 
-    x = noise
-    for i in range(steps):
+    if not 0 <= first_step < steps:
+        raise InputError(f"first_step must be in [0, {steps}), got {first_step}")
+    x, x0_prev = noise, None
+    for i in range(first_step, steps):
         t = times[i]  # 0-dim: one time for the whole batch
         x_in = torch.cat([x, x]) if guidance.cfg_on else x  # (2B or B, C, h, w)
         v = denoise(x_in, t.expand(x_in.shape[0]), cond, ModelCall(step=i, positive=rows))
@@ -98,7 +137,15 @@ def sample(
                 v_skip = denoise(x, t.expand(batch), positive, call)
                 v = slg(v, v_cond, v_skip, guidance.slg_scale)
 
-        x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        if sampler == "euler":
+            x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        else:
+            x0 = denoised(x, v, sigmas[i])
+            x = dpmpp_2m_step(x, x0, x0_prev, sigmas[i - 1] if x0_prev is not None else None, sigmas[i],
+                              sigmas[i + 1]).to(v.dtype)
+            x0_prev = x0
+        if inpaint is not None:
+            x = inpaint.blend(x, sigmas[i + 1], last=i == steps - 1)
         if callback is not None:
             callback(i, x)
     return x

@@ -91,3 +91,20 @@ def timesteps(sigmas: Tensor) -> Tensor:
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise InputError(f"sigmas must be a 1-D schedule of N+1 >= 2 values, got shape {tuple(sigmas.shape)}")
     return sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # (N,)
+
+
+def first_step(steps: int, strength: float) -> int:
+    """Where image-to-image starts in an N-step schedule: diffusers' ``get_timesteps``,
+    ``int(max(N − min(N·strength, N), 0))``, so strength 1 starts at pure noise (step 0) and smaller strengths
+    skip the first steps; the run then has N − first_step steps."""
+    if not 0 < strength <= 1:
+        raise InputError(f"strength must be in (0, 1], got {strength} (1: ignore the init image's content, "
+                         "small: stay close to it)")
+    return int(max(steps - min(steps * strength, steps), 0))  # < steps for any strength > 0: one step at least
+
+
+def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """The forward process ``σ·noise + (1 − σ)·x0`` at one noise level (diffusers' ``scale_noise``, same order of
+    operations, σ cast to x0's dtype as it does)."""
+    sigma = sigma.to(device=x0.device, dtype=x0.dtype)
+    return sigma * noise + (1.0 - sigma) * x0

@@ -12,4 +12,9 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
 "$VPY" -m pip install --quiet --disable-pip-version-check -e ".${EXTRAS:-}" 2>&1 | grep -v -E "^(WARNING: Location|  !!|\s*$)" || true
+if [[ "${EXTRAS:-}" == *test* ]] && ! "$VPY" -c "import importlib.util as u; assert u.find_spec('k_diffusion')" 2>/dev/null; then
+  # The reference for dpmpp_2m; --no-deps: its package pulls torchvision (a CUDA torch) and a training stack
+  # that its sampling module does not use (tests/test_img2img.py loads that module alone).
+  "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps "k-diffusion==0.1.1.post1" 2>&1 | grep -v -E "^(WARNING: Location|\s*$)" || true
+fi
 "$VPY" -c "import mmdit, samplers, loaders, dense" # fail loudly if the install did not work

@@ -43,6 +43,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from dense import DenseAttention, DensePlan  # noqa: E402
 from loaders.pipeline import DTYPES  # noqa: E402
+from mmdit.init import randomize_  # noqa: E402
 
 
 
@@ -172,20 +173,6 @@ def make_cases(e: Engines) -> list[Case]:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def randomize_(module: nn.Module, seed: int) -> None:
-    """Redraw every parameter (norm weights around 1, non-zero biases) so the output check cannot pass on
-    defaults, with fan-in scaling so activations stay O(1) at full width."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1, generator=g)
-            else:
-                p.normal_(1, 0.3, generator=g)
-
-
 def diffusers_model(shape: Shape, seed: int) -> nn.Module:
     from diffusers import SD3Transformer2DModel
 
@@ -196,7 +183,7 @@ def diffusers_model(shape: Shape, seed: int) -> nn.Module:
         joint_attention_dim=shape.context_dim, caption_projection_dim=width, pooled_projection_dim=shape.pooled_dim,
         pos_embed_max_size=shape.pos_embed_max_size, qk_norm="rms_norm", dual_attention_layers=(),
     )
-    randomize_(model, seed)
+    randomize_(model, torch.Generator().manual_seed(seed))  # norm weights around 1, non-zero biases
     return model.requires_grad_(False).eval()
 
 

@@ -28,8 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from loaders.pipeline import DTYPES  # noqa: E402
+from loaders.checkpoint import OFFLOAD  # noqa: E402
+from loaders.fp8 import WEIGHTS  # noqa: E402
+from loaders.lora import LoRA  # noqa: E402
+from loaders.pipeline import DTYPES, PRESET_KINDS  # noqa: E402
 from mmdit.errors import InputError  # noqa: E402
+from samplers import SAMPLERS, first_step  # noqa: E402
 
 TEMPLATE = "out/{index:04d}.png"  # --out for --prompts when none is given
 
@@ -47,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--max-sequence-length", type=int,
                      help="T5 tokens (at most 512; default 256, 16 for the built-in model)")
     src.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros in its place, as diffusers does)")
+    src.add_argument("--lora", action="append", type=_lora, default=[], metavar="PATH[:SCALE]",
+                     help="merge a LoRA (.safetensors: diffusers/PEFT, kohya or ComfyUI keys) at SCALE (default 1); "
+                          "repeatable (README: LoRA)")
     smp = p.add_argument_group("sampling (defaults: the detected model's preset)")
     smp.add_argument("--steps", type=int)
     smp.add_argument("--cfg", type=float, help="classifier-free guidance scale; <= 1 turns CFG off")
@@ -58,6 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     smp.add_argument("--slg-scale", type=float)
     smp.add_argument("--slg-start", type=float)
     smp.add_argument("--slg-stop", type=float)
+    smp.add_argument("--sampler", choices=list(SAMPLERS), help="euler (diffusers', the default) or dpmpp_2m "
+                     "(Stability's reference sampler)")
+    smp.add_argument("--preset", choices=list(PRESET_KINDS), default="diffusers",
+                     help="defaults from the diffusers model cards (Euler) or from Stability's reference code (dpmpp_2m)")
+    img = p.add_argument_group("image to image and inpainting")
+    img.add_argument("--init-image", type=Path, help="start from this image (resized to --height/--width; default: "
+                     "its own size, rounded down to a multiple of 16)")
+    img.add_argument("--strength", type=float, help="how much of the init image is redrawn, in (0, 1] (default 0.6)")
+    img.add_argument("--mask", type=Path, help="with --init-image: greyscale mask, white = repaint, black = keep")
     lay = p.add_argument_group("layout control (DenseDiffusion)")
     lay.add_argument("--layout", type=Path, help="layout JSON: a phrase per region (mask or box)")
     lay.add_argument("--dense-strength", type=float, default=1.0, help="modulation strength (0: off, maps still recorded)")
@@ -66,6 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("run and output")
     run.add_argument("--dtype", choices=list(DTYPES), default="float32")
     run.add_argument("--device", help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
+    mem = p.add_argument_group("memory (README: Memory)")
+    mem.add_argument("--offload", choices=list(OFFLOAD), default="none",
+                     help="blocks: keep the MM-DiT's joint blocks in CPU memory, streamed to the GPU as they run")
+    mem.add_argument("--t5-device", help="run T5 on this device instead (e.g. cpu), in --dtype; its output "
+                                         "moves to --device")
+    mem.add_argument("--report-memory", action="store_true",
+                     help="print each stage's weight bytes and peak memory as a table (stdout)")
+    mem.add_argument("--weights", choices=list(WEIGHTS), default="full",
+                     help="fp8: the MM-DiT's and T5's linear layers in float8 with a per-tensor scale, computed in "
+                          "--dtype (about half the memory of 16-bit); full: every weight in --dtype. ComfyUI's "
+                          "*_fp8_scaled files load with either")
     run.add_argument("--out", help="PNG path; with --num-images N: name_0.png ...; with --prompts a template with "
                                    f"{{index}} and {{seed}} (default {TEMPLATE}) [default out.png]")
     run.add_argument("--save-latents", type=Path, help="also write the final latents (key 'latents') here")
@@ -91,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--attention-maps needs a --layout (its regions and phrases are what is measured); "
                 "for a baseline without modulation add --dense-strength 0")
     return args
+
+
+def _lora(text: str) -> LoRA:
+    try:
+        return LoRA.parse(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -180,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, say) -> int:
     from loaders import Pipeline
+    from loaders.images import output_size
     from loaders.layout import save_attention_maps
+    from loaders.memory import MemoryLog, memory_table
     from loaders.pngmeta import save_png
     from loaders.safetensors import read_tensors
     from safetensors.torch import save_file
@@ -202,19 +238,31 @@ def run(args: argparse.Namespace, say) -> int:
     todo = [job for job in jobs[rank::world] if args.overwrite or not all(p.exists() for p in job.outputs)]
 
     pipe = Pipeline.load(args.model, dtype=DTYPES[args.dtype], device=device, t5=not args.no_t5,
-                         tokenizers=args.tokenizers, keep_loaded=len(todo) > 1)
+                         tokenizers=args.tokenizers, keep_loaded=len(todo) > 1, offload=args.offload,
+                         t5_device=args.t5_device, weights=args.weights, loras=args.lora, preset=args.preset)
+    memory = MemoryLog() if args.report_memory else None
     if pipe.defaults.note:
         say(f"note: {pipe.defaults.note}")
+    for lora in pipe.loras:
+        say(f"LoRA {lora.describe()}")
     if pipe.source.builtin:
         say("Using the built-in tiny model: it only knows 128x128 scenes of circles, squares and triangles in red, "
             "green, blue and yellow, e.g. 'a red circle and a blue square'.")
         say("For real images give the official weights, e.g. --model stabilityai/stable-diffusion-3.5-medium")
-    options = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, height=args.height, width=args.width,
+    height, width = args.height, args.width
+    if args.init_image is not None and (height is None or width is None):
+        size = output_size(args.init_image)
+        height, width = height or size[0], width or size[1]
+    options = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, height=height, width=width,
                    slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
-                   slg_stop=args.slg_stop)
+                   slg_stop=args.slg_stop, sampler=args.sampler)
     settings = pipe.settings(seed=args.seed, **options)
+    steps = settings.steps
+    if args.init_image is not None:
+        steps -= first_step(settings.steps, 0.6 if args.strength is None else args.strength)
     say(f"model {pipe.checkpoint.name} ({pipe.defaults.variant}), {settings.steps} steps, cfg {settings.cfg}, "
-        f"shift {settings.shift}, {settings.width}x{settings.height}, {args.dtype} on {device}"
+        f"shift {settings.shift}, {settings.sampler}, {settings.width}x{settings.height}, {args.dtype} on {device}"
+        + (", float8 weights" if args.weights == "fp8" else "")
         + (f"; {len(jobs)} prompts, {len(jobs) - len(todo) if world == 1 else 'some'} already made" if args.prompts else ""))
 
     conditioning = None  # --prompt-embeds: checked and repeated once, before any weight is loaded
@@ -227,13 +275,14 @@ def run(args: argparse.Namespace, say) -> int:
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=settings.steps * len(todo), desc="sampling", unit="step", file=sys.stderr)
+        bar = tqdm(total=steps * len(todo), desc="sampling", unit="step", file=sys.stderr)
     started, made = time.perf_counter(), []
     for job in todo:
         call = dict(negative_prompt=job.negative_prompt, seed=job.seed, num_images=args.num_images,
                     max_sequence_length=args.max_sequence_length, dense_strength=args.dense_strength,
                     dense_preset=args.dense_preset, record_maps=args.attention_maps is not None,
-                    callback=(lambda i, x: bar.update(1)) if bar else None, **options)
+                    callback=(lambda i, x: bar.update(1)) if bar else None, memory=memory,
+                    init_image=args.init_image, strength=args.strength, mask=args.mask, **options)
         if conditioning is not None:
             result = pipe(prompt_embeds=conditioning[0], negative_embeds=conditioning[1], **call)
             result.record["prompt_embeds"] = str(args.prompt_embeds)
@@ -257,6 +306,8 @@ def run(args: argparse.Namespace, say) -> int:
     elapsed = time.perf_counter() - started
     if args.prompts is not None:
         _write_manifest(jobs, made, rank, world, args)
+    if memory is not None:  # what was asked for, so on stdout and not silenced by --quiet
+        print(memory_table(memory.stages))
     images = sum(len(m["images"]) for m in made)
     say(f"{images} image(s) in {elapsed:.1f} s" + (f"; wrote {', '.join(made[0]['images'])}" if len(made) == 1 else ""))
     return 0

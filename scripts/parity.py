@@ -405,38 +405,19 @@ def _vae_config(checkpoint: Checkpoint) -> VAEConfig:
 
 
 def _text_config(where: EncoderFile, activation: str | None) -> object:
-    """A text encoder's CLIPConfig (activation given) or T5Config (None) as our loaders infer it, headers only."""
-    from dataclasses import replace
+    """A text encoder's CLIPConfig (activation given) or T5Config (None), as our loaders infer it from headers."""
+    from loaders.text_encoder_keys import clip_config, t5_config
 
-    from loaders.safetensors import read_meta, weight_files
-    from loaders.text_encoder_keys import (
-        TextEncoderJson, clip_pooling_rule, clip_state_dict, read_text_encoder_json, t5_state_dict,
-    )
-    from mmdit.clip import CLIPConfig
-    from mmdit.t5 import T5Config
-
-    folder = where.path.is_dir()
-    if folder:
-        stated = read_text_encoder_json(where.path) if (where.path / "config.json").is_file() else TextEncoderJson()
-        meta = read_meta(weight_files(where.path))
-    else:
-        stated, meta = TextEncoderJson(), read_meta(where.path, where.prefix)
     if activation is None:
-        cfg = T5Config.from_state_dict(t5_state_dict(meta), stated.num_heads,
-                                       max_distance=stated.max_distance if stated.max_distance is not None else 128)
-    else:
-        # SD3's CLIP-L projection is the identity for Stability files (see loaders.text_encoder_keys).
-        state = clip_state_dict(meta, identity_projection=activation == "quick_gelu" and not folder)
-        cfg = CLIPConfig.from_state_dict(state, activation=activation, num_heads=stated.num_heads,
-                                         eos_token_id=clip_pooling_rule(stated.eos_token_id))
-    return cfg if stated.eps is None else replace(cfg, eps=stated.eps)
+        return t5_config(where.path, prefix=where.prefix)
+    return clip_config(where.path, activation=activation, prefix=where.prefix)
 
 
 def architecture(checkpoint: Checkpoint, files: TextFiles | None, *, vae: bool,
                  transformer: MMDiTConfig | None = None) -> dict[str, object]:
     """Component label -> the configuration our loaders infer for it (no tensor data is read): the MM-DiT always,
-    the VAE when `vae`, the text encoders when `files` (the text rows run). The VAE and text-encoder parts
-    repeat, on file headers, the inference that `load_vae` / `load_clip` / `load_t5` do on the loaded tensors."""
+    the VAE when `vae`, the text encoders when `files` (the text rows run), each the configuration the loader
+    would build (`transformer_config`, `vae_config`, `clip_config`, `t5_config`)."""
     from loaders.checkpoint import transformer_config
 
     configs: dict[str, object] = {"MM-DiT": transformer or transformer_config(checkpoint)}
@@ -517,29 +498,19 @@ def _read_file(path: Path, prefix: str = "") -> dict[str, Tensor]:
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
-def _cast_state(state: dict[str, Tensor], dtype: torch.dtype, device: torch.device,
-                keep_fp32: Callable[[str], bool] = lambda k: False) -> dict[str, Tensor]:
-    """`state` in `dtype` on `device`, entry by entry in place, so the peak is one copy plus one tensor."""
-    for k in list(state):
-        v = state[k]
-        state[k] = v.to(device=device, dtype=torch.float32 if keep_fp32(k) else dtype) if v.is_floating_point() \
-            else v.to(device)
-    return state
-
-
 def reference_clip(where: EncoderFile, activation: str, setup: Setup) -> torch.nn.Module:
     """transformers' CLIPTextModelWithProjection for one of our EncoderFiles."""
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from loaders.text_encoder_keys import clip_state_dict
-    from mmdit.clip import CLIPConfig
+    from loaders.safetensors import load_weights
+    from loaders.text_encoder_keys import clip_config, clip_state_dict
 
     if where.path.is_dir():
         model = CLIPTextModelWithProjection.from_pretrained(where.path, torch_dtype=setup.dtype)
         return model.to(setup.device).eval()
     state = clip_state_dict(_read_file(where.path, where.prefix), identity_projection=activation == "quick_gelu")
-    cfg = CLIPConfig.from_state_dict(state, activation=activation)
+    cfg = clip_config(where.path, activation=activation, prefix=where.prefix)
     # eos_token_id 2 is transformers' legacy value that selects argmax pooling, SD3's rule (mmdit/clip.py).
     eos = 2 if cfg.eos_token_id is None else cfg.eos_token_id
     hf = CLIPTextConfig(
@@ -550,8 +521,7 @@ def reference_clip(where: EncoderFile, activation: str, setup: Setup) -> torch.n
     )
     with init_empty_weights():
         model = CLIPTextModelWithProjection(hf)
-    model.load_state_dict(_cast_state(state, setup.dtype, setup.device), strict=True, assign=True)
-    return model.to(setup.device).eval()
+    return load_weights(model, state, what=f"transformers CLIP from {where.path}", dtype=setup.dtype, device=setup.device)
 
 
 def reference_t5(where: EncoderFile, setup: Setup) -> torch.nn.Module:
@@ -560,13 +530,13 @@ def reference_t5(where: EncoderFile, setup: Setup) -> torch.nn.Module:
     from transformers import T5Config as HFT5Config
     from transformers import T5EncoderModel
 
-    from loaders.text_encoder_keys import t5_state_dict
-    from mmdit.t5 import T5Config
+    from loaders.safetensors import load_weights
+    from loaders.text_encoder_keys import t5_config, t5_state_dict
 
     if where.path.is_dir():
         return T5EncoderModel.from_pretrained(where.path, torch_dtype=setup.dtype).to(setup.device).eval()
     state = t5_state_dict(_read_file(where.path, where.prefix))
-    cfg = T5Config.from_state_dict(state)
+    cfg = t5_config(where.path, prefix=where.prefix)
     hf = HFT5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.num_buckets,
@@ -576,11 +546,11 @@ def reference_t5(where: EncoderFile, setup: Setup) -> torch.nn.Module:
     with init_empty_weights():
         model = T5EncoderModel(hf)
     fp32 = tuple(model._keep_in_fp32_modules or ()) if setup.dtype == torch.float16 else ()
-    keep = lambda k: any(f".{m}." in f".{k}" for m in fp32)  # noqa: E731
-    state = _cast_state(state, setup.dtype, setup.device, keep)
     state["encoder.embed_tokens.weight"] = state["shared.weight"]  # tied in transformers: one tensor for both
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(setup.device).eval()
+    model = load_weights(model, state, what=f"transformers T5 from {where.path}", dtype=setup.dtype,
+                         device=setup.device, fp32_keys=lambda k: any(f".{m}." in f".{k}" for m in fp32))
+    model.encoder.embed_tokens = model.shared  # cast separately above; tie them again
+    return model
 
 
 def _first_difference(a: Tensor, b: Tensor) -> str:
@@ -712,6 +682,7 @@ def reference_transformer(setup: Setup) -> torch.nn.Module:
     from diffusers import SD3Transformer2DModel
 
     from loaders.checkpoint import TRANSFORMER_PREFIX
+    from loaders.safetensors import load_weights
     from loaders.transformer_keys import is_diffusers_layout, transformer_to_diffusers
 
     checkpoint = setup.reference
@@ -723,8 +694,8 @@ def reference_transformer(setup: Setup) -> torch.nn.Module:
         state = transformer_to_diffusers(state)
     with init_empty_weights():
         model = SD3Transformer2DModel(**diffusers_transformer_kwargs(setup.config))
-    model.load_state_dict(_cast_state(state, setup.dtype, setup.device), strict=True, assign=True)
-    return model.to(setup.device).eval()
+    return load_weights(model, state, what=f"diffusers transformer from {checkpoint.path}", dtype=setup.dtype,
+                        device=setup.device)
 
 
 def _batched(positive: Conditioning, negative: Conditioning | None) -> tuple[Tensor, Tensor]:
@@ -816,20 +787,19 @@ def reference_vae(setup: Setup) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    from loaders.checkpoint import VAE_PREFIX
+    from loaders.checkpoint import VAE_PREFIX, vae_config
     from loaders.vae_keys import vae_to_diffusers
-    from mmdit.vae import VAEConfig
 
     checkpoint = setup.reference
     if not checkpoint.single_file:
         model = AutoencoderKL.from_pretrained(checkpoint.path, subfolder="vae", torch_dtype=setup.dtype)
         return model.to(setup.device).eval()
-    state = _read_file(checkpoint.path, VAE_PREFIX)
-    config = VAEConfig.from_state_dict(state)  # SD3's latent scale and shift are the defaults
+    state = vae_to_diffusers(_read_file(checkpoint.path, VAE_PREFIX))
+    config = vae_config(checkpoint)
     with init_empty_weights():
         model = AutoencoderKL(**diffusers_vae_kwargs(config))
-    result = model.load_state_dict(_cast_state(vae_to_diffusers(state), setup.dtype, setup.device),
-                                   strict=config.has_encoder, assign=True)
+    state = {k: v.to(setup.device, setup.dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    result = model.load_state_dict(state, strict=config.has_encoder, assign=True)
     unfit = result.unexpected_keys or [k for k in result.missing_keys if not k.startswith("encoder.")]
     if not config.has_encoder and unfit:  # a decoder-only file leaves only diffusers' encoder empty
         raise InputError(f"diffusers VAE does not fit {checkpoint.path}: {result}")

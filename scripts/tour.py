@@ -259,19 +259,24 @@ def _token_rows(tokenizer: ClipTokenizer | T5Tokenizer, ids: list[int], pad_id: 
 
 def text_stages(tour: Tour, files: TextFiles, prompt: str, negative: str | None, length: int, config: MMDiTConfig,
                 dtype: torch.dtype, device: torch.device) -> TextResult:
-    from loaders.text_encoder_keys import load_clip, load_t5
+    """Tokenization, the three encoders and the assembly, run by the library's `encode_prompts`; the stages
+    show its intermediate values (each encoder's own outputs) and the configurations its loaders inferred."""
+    from loaders.text import encode_prompts, encode_texts
+    from loaders.text_encoder_keys import clip_config, load_clip, load_t5, t5_config
     from loaders.tokenizers import ClipTokenizer, T5Tokenizer
+    from mmdit.clip import CLIPTextModel
     from mmdit.conditioning import assemble, repeat_for_images
+    from mmdit.t5 import T5Encoder
 
-    groups = [[prompt]] + ([[negative]] if negative is not None else [])
+    encoded = encode_prompts(files, [prompt], [negative] if negative is not None else None, max_sequence_length=length,
+                             context_dim=config.context_dim, dtype=dtype, device=device)
+    tok_l, tok_t5 = encoded.tokens.clip_tokenizer, encoded.tokens.t5_tokenizer
+    tok_g = ClipTokenizer.from_folder(files.tokenizer_2)
+    clip_ids, t5_ids = encoded.tokens.clip, encoded.tokens.t5
+    g_ids = tok_g.encode([prompt], 77).ids[0].tolist()
 
     # 1. Tokenization
-    tok_l, tok_g = ClipTokenizer.from_folder(files.tokenizer), ClipTokenizer.from_folder(files.tokenizer_2)
-    tok_t5 = T5Tokenizer.from_folder(files.tokenizer_3)
-    ids = {"CLIP-L": [tok_l.encode(g, 77).ids for g in groups], "CLIP-G": [tok_g.encode(g, 77).ids for g in groups],
-           "T5": [tok_t5.encode(g, length).ids for g in groups]}
-    clip_ids, g_ids, t5_ids = ids["CLIP-L"][0][0].tolist(), ids["CLIP-G"][0][0].tolist(), ids["T5"][0][0].tolist()
-    words_l = clip_ids.index(max(clip_ids)) + 1  # argmax = the first end-of-text token: where CLIP pools
+    eot = clip_ids.index(max(clip_ids))  # argmax = the first end-of-text token: where CLIP pools
     words_t5 = len(t5_ids)
     while words_t5 > 0 and t5_ids[words_t5 - 1] == tok_t5.pad_id:
         words_t5 -= 1
@@ -279,9 +284,9 @@ def text_stages(tour: Tour, files: TextFiles, prompt: str, negative: str | None,
     tour.stages.append(Stage(
         "tokenize", "Tokenization",
         (where(tok_l.encode), where(ClipTokenizer.from_folder), where(T5Tokenizer.from_folder)),
-        (TensorInfo.of("CLIP-L ids", ids["CLIP-L"][0]), TensorInfo.of("CLIP-G ids", ids["CLIP-G"][0]),
-         TensorInfo.of("T5 ids", ids["T5"][0])),
-        (f"The prompt becomes {words_l} CLIP tokens (start and end-of-text included), padded to 77; CLIP-L pads "
+        tuple(TensorInfo.of(name, torch.tensor([ids])) for name, ids in
+              (("CLIP-L ids", clip_ids), ("CLIP-G ids", g_ids), ("T5 ids", t5_ids))),
+        (f"The prompt becomes {eot + 1} CLIP tokens (start and end-of-text included), padded to 77; CLIP-L pads "
          f"with id {tok_l.pad_id}, CLIP-G with id {tok_g.pad_id}, so the two id rows differ at {len(differs)} "
          f"padding positions and agree on the words.",
          f"T5 (SentencePiece, ▁ marks the start of a word) gives {words_t5} tokens ending in `</s>` (id "
@@ -293,43 +298,30 @@ def text_stages(tour: Tour, files: TextFiles, prompt: str, negative: str | None,
         summary=("CLIP-L ids", "CLIP-G ids", "T5 ids"),
     ))
 
-    # 2. The three encoders, one in memory at a time, each group in its own call (as encode_texts does).
-    outputs: dict[str, list] = {}
-    for label, where_file, activation in (("CLIP-L", files.clip_l, "quick_gelu"), ("CLIP-G", files.clip_g, "gelu"),
-                                          ("T5", files.t5, None)):
+    # 2. The three encoders (encode_texts loads them one at a time, each group in its own call).
+    first = encoded.encoders[0]
+    for label, output, where_file, activation in (("CLIP-L", first.clip_l, files.clip_l, "quick_gelu"),
+                                                  ("CLIP-G", first.clip_g, files.clip_g, "gelu"),
+                                                  ("T5", first.t5, files.t5, None)):
         if activation is None:
-            encoder = load_t5(where_file.path, prefix=where_file.prefix, dtype=dtype, device=device)
-            loader = load_t5
+            cfg = t5_config(where_file.path, prefix=where_file.prefix)
+            tensors = (TensorInfo.of("last_hidden_state", output),)
+            notes = (f"{cfg.num_layers} blocks, {cfg.num_heads} heads of {cfg.d_kv}, width {cfg.d_model}: every "
+                     f"one of the {length} tokens (padding too) gets a {cfg.d_model}-wide vector; no attention mask.",)
+            code = (where(load_t5), where(T5Encoder.forward), where(encode_texts))
         else:
-            encoder = load_clip(where_file.path, prefix=where_file.prefix, activation=activation, dtype=dtype,
-                                device=device)
-            loader = load_clip
-        outputs[label] = [encoder(t.to(device)) for t in ids[label]]
-        first = outputs[label][0]
-        if activation is None:
-            tensors = (TensorInfo.of("last_hidden_state", first),)
-            notes = (f"{encoder.cfg.num_layers} blocks, {encoder.cfg.num_heads} heads of {encoder.cfg.d_kv}, width "
-                     f"{encoder.cfg.d_model}: every one of the {length} tokens (padding too) gets a "
-                     f"{encoder.cfg.d_model}-wide vector; no attention mask.",)
-        else:
-            tensors = (TensorInfo.of("penultimate", first.penultimate), TensorInfo.of("pooled", first.pooled))
-            notes = (f"{encoder.cfg.num_layers} layers, width {encoder.cfg.width}, {encoder.cfg.num_heads} head(s), "
-                     f"{activation}, causal attention. SD3 keeps the sequence entering the last layer (penultimate, "
-                     f"not final-normed) and the final-normed state at the end-of-text token (position "
-                     f"{clip_ids.index(max(clip_ids))}), projected: the pooled vector.",)
-        tour.stages.append(Stage(label.lower(), label, (where(loader), where(encoder.forward)), tensors, notes))
-        del encoder
-        _free()
+            cfg = clip_config(where_file.path, activation=activation, prefix=where_file.prefix)
+            tensors = (TensorInfo.of("penultimate", output.penultimate), TensorInfo.of("pooled", output.pooled))
+            notes = (f"{cfg.num_layers} layers, width {cfg.width}, {cfg.num_heads} head(s), {activation}, causal "
+                     f"attention. SD3 keeps the sequence entering the last layer (penultimate, not final-normed) and "
+                     f"the final-normed state at the end-of-text token (position {eot}), projected: the pooled "
+                     "vector.",)
+            code = (where(load_clip), where(CLIPTextModel.forward), where(encode_texts))
+        tour.stages.append(Stage(label.lower(), label, code, tensors, notes))
 
     # 3. Assembly into the conditioning.
-    def conditioning(g: int) -> Conditioning:
-        c = assemble(outputs["CLIP-L"][g], outputs["CLIP-G"][g], outputs["T5"][g], t5_length=length,
-                     context_dim=config.context_dim)
-        return repeat_for_images(c, 1)
-
-    positive = conditioning(0)
-    negative_c = conditioning(1) if negative is not None else None
-    wl, wg = outputs["CLIP-L"][0].penultimate.shape[-1], outputs["CLIP-G"][0].penultimate.shape[-1]
+    positive, negative_c = encoded.positive, encoded.negative
+    wl, wg = first.clip_l.penultimate.shape[-1], first.clip_g.penultimate.shape[-1]
     zeros = max(config.context_dim - wl - wg, 0)
     tensors = [TensorInfo.of("context", positive.context), TensorInfo.of("pooled", positive.pooled)]
     if negative_c is not None:

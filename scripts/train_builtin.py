@@ -46,6 +46,7 @@ from loaders import builtin  # noqa: E402
 from loaders.builtin_tokenizers import write_builtin_tokenizers  # noqa: E402
 from loaders.text import EncoderFile, TextFiles, encode_prompts  # noqa: E402
 from mmdit.clip import CLIPTextModel  # noqa: E402
+from mmdit.init import randomize_  # noqa: E402
 from mmdit.model import MMDiT  # noqa: E402
 from mmdit.t5 import T5Encoder  # noqa: E402
 from mmdit.vae import VAE  # noqa: E402
@@ -103,17 +104,9 @@ def to_tensor(images: list[np.ndarray]) -> Tensor:
 # Stage 1: text encoders and every caption's encoding
 
 
-def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Frozen random text encoders: matrices ~ N(0, 1/fan_in), small biases, norm weights near 1."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(math.prod(p.shape[1:])))
-            elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=generator))
-            else:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
-    return module
+def frozen_random(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """The text encoders' weights: fan-in-scaled matrices, small biases, norm weights near 1."""
+    return randomize_(module, generator, bias_std=0.02, norm_std=0.1)
 
 
 def state(module: nn.Module, prefix: str = "", dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -125,11 +118,11 @@ def write_text_side(folder: Path, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     encoders = folder / "text_encoders"
     encoders.mkdir(parents=True, exist_ok=True)
-    clip_l = state(randomize_(CLIPTextModel(builtin.CLIP_L), g))
+    clip_l = state(frozen_random(CLIPTextModel(builtin.CLIP_L), g))
     del clip_l["text_projection.weight"]  # as in Stability's clip_l.safetensors: SD3 uses CLIP-L unprojected
     save_file(clip_l, str(encoders / "clip_l.safetensors"))
-    save_file(state(randomize_(CLIPTextModel(builtin.CLIP_G), g)), str(encoders / "clip_g.safetensors"))
-    t5 = state(randomize_(T5Encoder(builtin.T5), g), dtype=torch.float16)
+    save_file(state(frozen_random(CLIPTextModel(builtin.CLIP_G), g)), str(encoders / "clip_g.safetensors"))
+    t5 = state(frozen_random(T5Encoder(builtin.T5), g), dtype=torch.float16)
     save_file(t5, str(encoders / "t5xxl_fp16.safetensors"))
     write_builtin_tokenizers(folder)
 

@@ -6,24 +6,15 @@ defaults: a swapped shift/scale or a missing norm weight shows up as a large dif
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
+from mmdit import init
+
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:  # norm weights
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-    return module.eval()
+    return init.randomize_(module, torch.Generator().manual_seed(seed)).eval()
 
 
 # Tiny configurations of each released architecture (diffusers constructor arguments).
