@@ -143,7 +143,7 @@ def image_start(vae: VAE, image: Tensor, mask: Tensor | None, settings: Settings
     first = first_step(steps, strength)
     device = next(vae.parameters()).device
     generator = torch.Generator("cpu").manual_seed(settings.seed)
-    x0 = encode(vae, image.to(device=device, dtype=dtype), generator=generator).to(dtype)  # (1, C, h, w)
+    x0 = encode(vae, image.to(device), generator=generator).to(dtype)  # (1, C, h, w), in the VAE's dtype first
     x0 = x0.repeat(batch, 1, 1, 1)  # (B, C, h, w)
     noise = torch.randn(x0.shape, generator=generator, dtype=dtype).to(device)
     latents = noise if strength == 1 else noised(x0, noise, sigmas(steps, settings.shift)[first])
@@ -243,6 +243,7 @@ class Pipeline:
     t5_device: torch.device | None = None  # None: T5 runs on `device`
     weights: str = "full"  # one of loaders.fp8.WEIGHTS
     loras: tuple[LoRAFile, ...] = ()  # read and checked against the MM-DiT by `load`
+    vae_dtype: torch.dtype | None = None  # None: `dtype` (see `load`)
     _model: MMDiT | None = None
     _vae: VAE | None = None
     _text: dict | None = None  # tokenizers and text encoders, when kept loaded
@@ -254,8 +255,10 @@ class Pipeline:
              keep_loaded: bool = False, offload: str = "none",
              t5_device: str | torch.device | None = None, weights: str = "full",
              loras: Sequence[LoRA | str | Path | tuple[str | Path, float]] = (),
-             preset: str = "diffusers") -> Pipeline:
-        """`model` is what `--model` takes (None: the built-in model). `preset`: "diffusers" (default settings,
+             preset: str = "diffusers", vae_dtype: torch.dtype | None = None) -> Pipeline:
+        """`model` is what `--model` takes (None: the built-in model). `vae_dtype`: the VAE's own dtype (None:
+        `dtype`, as diffusers runs it); float32 for CPUs whose 16-bit convolutions are slow (README "Speed": on
+        ours bfloat16 is the faster). `preset`: "diffusers" (default settings,
         Euler) or "reference" (Stability's reference settings and DPM-Solver++(2M); see `model_defaults`).
         `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string spelt as `--lora PATH[:SCALE]`, or a
         (path, scale) pair; their MM-DiT keys are checked here, before any weight is read, their CLIP keys when
@@ -274,6 +277,7 @@ class Pipeline:
                 check_transformer_loras(MMDiT(config), lora_files)
         pipe = cls(source, checkpoint, config, defaults, t5, tokenizers, dtype, device, keep_loaded,
                    offload=offload, t5_device=t5_device, weights=weights, loras=lora_files,
+                   vae_dtype=vae_dtype,
                    _text={} if keep_loaded else None)
         if keep_loaded:
             pipe.transformer(), pipe.autoencoder()
@@ -303,7 +307,7 @@ class Pipeline:
         return model
 
     def autoencoder(self) -> VAE:
-        vae = self._vae or load_vae(self.checkpoint, dtype=self.dtype, device=self.device)
+        vae = self._vae or load_vae(self.checkpoint, dtype=self.vae_dtype or self.dtype, device=self.device)
         if self.keep_loaded:
             self._vae = vae
         return vae
@@ -459,6 +463,8 @@ class Pipeline:
             "model": self.source.label, "variant": self.defaults.variant, "prompt": prompt,
             "negative_prompt": negative_prompt, "prompt_embeds": None, **settings.to_dict(),
             "dtype": str(self.dtype).removeprefix("torch."), "max_sequence_length": length,
+            **({"vae_dtype": str(self.vae_dtype).removeprefix("torch.")} if self.vae_dtype not in (None, self.dtype)
+               else {}),
             "t5": self.use_t5, "num_images": count,
             **({"weights": self.weights} if self.weights != "full" else {}),  # "full" records nothing, as before
             **({"loras": lora_records(self.loras)} if self.loras else {}),  # likewise without LoRAs

@@ -310,12 +310,13 @@ def _check_input(x: Tensor, channels: int, what: str) -> None:
 def decode(vae: VAE, latents: Tensor) -> Tensor:
     """Diffusion latents (B, 16, h, w) -> image (B, 3, 8h, 8w) in roughly [-1, 1] (docs/numerics.md §10).
 
-    The un-normalisation `latents / scaling_factor + shift_factor` happens in the latents' own dtype, as in the
-    diffusers pipeline (which never casts them). The result is then cast to the VAE's dtype; diffusers would
-    raise on a mismatch instead, so when the dtypes agree this is exactly its computation.
+    The un-normalisation `latents / scaling_factor + shift_factor` runs in the wider of the latents' and the
+    VAE's dtypes, and the result is cast to the VAE's. When the dtypes agree (diffusers' SD3 pipelines, which never
+    cast) this is exactly their computation; a float32 VAE under a bfloat16 model (`--vae-dtype float32`) gets its
+    latents cast first, as diffusers' SDXL pipeline does when it upcasts its VAE (`upcast_vae`).
     """
     _check_input(latents, vae.config.latent_channels, "latents")
-    z = latents / vae.config.scaling_factor + vae.config.shift_factor
+    z = latents.to(torch.promote_types(latents.dtype, vae.dtype)) / vae.config.scaling_factor + vae.config.shift_factor
     return vae.decoder(z.to(vae.dtype))
 
 

@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lay.add_argument("--attention-maps", type=Path, help="write per-phrase attention maps and stats.json here")
     run = p.add_argument_group("run and output")
     run.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    run.add_argument("--vae-dtype", choices=list(DTYPES), help="the VAE's dtype (default: --dtype; float32 helps "
+                     "CPUs whose 16-bit convolutions are slow)")
     run.add_argument("--device", help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
     mem = p.add_argument_group("memory (README: Memory)")
     mem.add_argument("--offload", choices=list(OFFLOAD), default="none",
@@ -239,7 +241,8 @@ def run(args: argparse.Namespace, say) -> int:
 
     pipe = Pipeline.load(args.model, dtype=DTYPES[args.dtype], device=device, t5=not args.no_t5,
                          tokenizers=args.tokenizers, keep_loaded=len(todo) > 1, offload=args.offload,
-                         t5_device=args.t5_device, weights=args.weights, loras=args.lora, preset=args.preset)
+                         t5_device=args.t5_device, weights=args.weights, loras=args.lora, preset=args.preset,
+                         vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
     memory = MemoryLog() if args.report_memory else None
     if pipe.defaults.note:
         say(f"note: {pipe.defaults.note}")

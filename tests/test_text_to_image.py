@@ -107,3 +107,24 @@ def test_bfloat16_run_writes_an_image(tiny, tmp_path):
     image = np.asarray(Image.open(tmp_path / "b.png"))
     assert image.shape == (32, 32, 3) and image.std() > 0
     assert read_png_metadata(tmp_path / "b.png")["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("vae_dtype", ["float32", None])
+def test_bfloat16_with_the_vae_in_float32(tiny, tmp_path, vae_dtype):
+    """--vae-dtype float32 under --dtype bfloat16: our bfloat16 latents are decoded as diffusers' float32 VAE
+    decodes them (latents cast first, then un-normalised). Without it, as its bfloat16 VAE does."""
+    import copy
+
+    root, pipe = tiny
+    args = ["--model", str(root / "diffusers"), "--prompt", PROMPT, "--steps", "2", "--cfg", "3", "--slg-layers", "",
+            "--height", str(SIZE), "--width", str(SIZE), "--max-sequence-length", "32", "--dtype", "bfloat16",
+            "--out", str(tmp_path / "b.png"), "--quiet", "--save-latents", str(tmp_path / "b.safetensors")]
+    assert main(args + (["--vae-dtype", vae_dtype] if vae_dtype else [])) == 0
+    lat = load_file(str(tmp_path / "b.safetensors"))["latents"].to(torch.bfloat16)  # saved as float32: exact
+    vae = pipe.vae if vae_dtype == "float32" else copy.deepcopy(pipe.vae).to(torch.bfloat16)
+    z = lat.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    with torch.no_grad():
+        expected = pipe.image_processor.postprocess(vae.decode(z, return_dict=False)[0], output_type="pil")[0]
+    diff = np.abs(np.asarray(Image.open(tmp_path / "b.png")).astype(int) - np.asarray(expected).astype(int)).max()
+    assert diff <= 1, diff
+    assert read_png_metadata(tmp_path / "b.png").get("vae_dtype") == vae_dtype
