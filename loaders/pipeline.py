@@ -244,6 +244,7 @@ class Pipeline:
     weights: str = "full"  # one of loaders.fp8.WEIGHTS
     loras: tuple[LoRAFile, ...] = ()  # read and checked against the MM-DiT by `load`
     vae_dtype: torch.dtype | None = None  # None: `dtype` (see `load`)
+    compile: bool = False  # torch.compile the MM-DiT's joint blocks (see `load`)
     _model: MMDiT | None = None
     _vae: VAE | None = None
     _text: dict | None = None  # tokenizers and text encoders, when kept loaded
@@ -255,17 +256,21 @@ class Pipeline:
              keep_loaded: bool = False, offload: str = "none",
              t5_device: str | torch.device | None = None, weights: str = "full",
              loras: Sequence[LoRA | str | Path | tuple[str | Path, float]] = (),
-             preset: str = "diffusers", vae_dtype: torch.dtype | None = None) -> Pipeline:
+             preset: str = "diffusers", vae_dtype: torch.dtype | None = None, compile: bool = False) -> Pipeline:
         """`model` is what `--model` takes (None: the built-in model). `vae_dtype`: the VAE's own dtype (None:
         `dtype`, as diffusers runs it); float32 for CPUs whose 16-bit convolutions are slow (README "Speed": on
         ours bfloat16 is the faster). `preset`: "diffusers" (default settings,
         Euler) or "reference" (Stability's reference settings and DPM-Solver++(2M); see `model_defaults`).
         `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string spelt as `--lora PATH[:SCALE]`, or a
         (path, scale) pair; their MM-DiT keys are checked here, before any weight is read, their CLIP keys when
-        the encoders load."""
+        the encoders load. `compile`: `torch.compile` each joint block of the MM-DiT when it loads; the first call
+        of each block shape compiles (minutes at full size), later ones run the compiled kernels. The outputs differ
+        from eager ones by rounding only (README "Speed")."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         check_offload(offload)
         check_weights(weights)
+        if compile:
+            check_compiler(device, offload)
         t5_device = None if t5_device is None else _device(t5_device, "t5_device (--t5-device)")
         source = resolve_model(None if model is None else str(model), need_t5=t5)
         checkpoint = locate(source.diffusion)
@@ -277,7 +282,7 @@ class Pipeline:
                 check_transformer_loras(MMDiT(config), lora_files)
         pipe = cls(source, checkpoint, config, defaults, t5, tokenizers, dtype, device, keep_loaded,
                    offload=offload, t5_device=t5_device, weights=weights, loras=lora_files,
-                   vae_dtype=vae_dtype,
+                   vae_dtype=vae_dtype, compile=compile,
                    _text={} if keep_loaded else None)
         if keep_loaded:
             pipe.transformer(), pipe.autoencoder()
@@ -302,6 +307,9 @@ class Pipeline:
                                      weights=self.weights)
             if self.loras:
                 merge_loras(model, self.loras, "transformer")  # into the fresh weights
+            if self.compile:
+                for block in model.joint_blocks:
+                    block.compile()  # in place; compiled lazily, at the block's first call
         if self.keep_loaded:
             self._model = model
         return model
@@ -465,6 +473,7 @@ class Pipeline:
             "dtype": str(self.dtype).removeprefix("torch."), "max_sequence_length": length,
             **({"vae_dtype": str(self.vae_dtype).removeprefix("torch.")} if self.vae_dtype not in (None, self.dtype)
                else {}),
+            **({"compile": True} if self.compile else {}),
             "t5": self.use_t5, "num_images": count,
             **({"weights": self.weights} if self.weights != "full" else {}),  # "full" records nothing, as before
             **({"loras": lora_records(self.loras)} if self.loras else {}),  # likewise without LoRAs
@@ -494,3 +503,24 @@ class Pipeline:
 def _name(image) -> str:
     """How an init image or mask is recorded: its path, or a placeholder for an in-memory image."""
     return str(image) if isinstance(image, (str, Path)) else f"<{type(image).__name__}>"
+
+
+def check_compiler(device: torch.device, offload: str) -> None:
+    """What `torch.compile` (its default backend, inductor) needs, checked before anything loads: a C++ compiler
+    to build CPU kernels, Triton for GPU ones; and whole blocks that stay where they are (not `offload="blocks"`,
+    whose per-call weight copies would make every call compile again)."""
+    import importlib.util
+    import os
+    import shutil
+
+    if offload != "none":
+        raise InputError("--compile and --offload blocks do not go together (streamed weights change at every call, "
+                         "so the compiled blocks would recompile each time); choose one")
+    if device.type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        if not any(shutil.which(c) for c in compilers):
+            raise InputError("--compile on a CPU needs a C++ compiler (torch.compile builds its kernels with one): "
+                             "install g++ (e.g. `apt install g++`) or set CXX, or run without --compile")
+    elif importlib.util.find_spec("triton") is None:
+        raise InputError("--compile on a GPU needs Triton (`pip install triton`; CUDA builds of torch bring it), "
+                         "or run without --compile")

@@ -8,6 +8,10 @@ alternating (float32, bfloat16, ..., then float32, ... back) so that drift in ma
 wall time includes Python start-up, loading, sampling, the VAE decode and writing the PNG; each also reports
 the time the run spent in the VAE (the stage's seconds from `--report-memory`).
 
+`--compile` instead measures `Pipeline.load(compile=True)` against eager in one process per dtype, weights kept
+loaded: the sampling stage's seconds (2 steps with CFG; the VAE is not compiled) of the first call, which
+compiles the blocks, and the median of the later calls, and how far the compiled latents are from the eager ones.
+
 Settings: `float32`; `bfloat16, VAE float32` (`--vae-dtype float32`); and `bfloat16` (the default: the VAE in
 bfloat16 too, as diffusers runs it).
 """
@@ -66,13 +70,45 @@ def run_once(model: Path, embeds: Path, extra: list[str], out: Path) -> tuple[fl
     return wall, float(vae.strip(" |").split("|")[-1])
 
 
+def compile_table(model: Path, embeds: Path, repeats: int) -> str:
+    from loaders import Pipeline
+    from loaders.memory import MemoryLog
+    from loaders.text import conditioning_from_embeds
+    from safetensors.torch import load_file
+
+    positive, negative = conditioning_from_embeds(load_file(str(embeds)), cfg_on=True)
+    rows = ["| dtype | eager s (2 steps) | compiled: first call s | compiled s | compiled / eager | max diff / scale |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for dtype in (torch.float32, torch.bfloat16):
+        call = dict(prompt_embeds=positive, negative_embeds=negative, steps=2, cfg=4.5, height=512, width=512,
+                    slg_layers=())
+        runs = {}
+        for compiled in (False, True):
+            pipe = Pipeline.load(model, dtype=dtype, device="cpu", keep_loaded=True, compile=compiled)
+            times, latents = [], None
+            for _ in range(repeats + 1):
+                log = MemoryLog()  # for the sampling stage's seconds: the VAE decode is not compiled
+                latents = pipe(**call, memory=log).latents
+                times.append(next(s.seconds for s in log.stages if s.stage == "sampling"))
+            runs[compiled] = (times[0], statistics.median(times[1:]), latents.float())
+        eager, comp = runs[False], runs[True]
+        diff = ((comp[2] - eager[2]).abs().max() / eager[2].abs().max()).item()
+        rows.append(f"| {str(dtype).removeprefix('torch.')} | {eager[1]:.1f} | {comp[0]:.1f} | {comp[1]:.1f} | "
+                    f"{comp[1] / eager[1]:.2f} | {diff:.1e} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("out/e2e_bench"))
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs per setting (default 3)")
+    p.add_argument("--compile", action="store_true", help="compiled against eager instead (see above)")
     args = p.parse_args(argv)
     model, embeds = write_inputs(args.work, args.blocks)
+    if args.compile:
+        print(compile_table(model, embeds, args.repeats))
+        return 0
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in SETTINGS}
     for r in range(args.repeats):
         for name in (list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))):

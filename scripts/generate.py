@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lay.add_argument("--attention-maps", type=Path, help="write per-phrase attention maps and stats.json here")
     run = p.add_argument_group("run and output")
     run.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    run.add_argument("--compile", action="store_true", help="torch.compile the MM-DiT's blocks (the first image "
+                     "compiles them: slow; later ones are faster)")
     run.add_argument("--vae-dtype", choices=list(DTYPES), help="the VAE's dtype (default: --dtype; float32 helps "
                      "CPUs whose 16-bit convolutions are slow)")
     run.add_argument("--device", help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
@@ -242,7 +244,7 @@ def run(args: argparse.Namespace, say) -> int:
     pipe = Pipeline.load(args.model, dtype=DTYPES[args.dtype], device=device, t5=not args.no_t5,
                          tokenizers=args.tokenizers, keep_loaded=len(todo) > 1, offload=args.offload,
                          t5_device=args.t5_device, weights=args.weights, loras=args.lora, preset=args.preset,
-                         vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+                         vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None, compile=args.compile)
     memory = MemoryLog() if args.report_memory else None
     if pipe.defaults.note:
         say(f"note: {pipe.defaults.note}")
@@ -293,6 +295,8 @@ def run(args: argparse.Namespace, say) -> int:
             result = pipe(job.prompt, layout=job.layout, **call)
         for note in result.warnings:
             say(f"warning: {note}")
+        if args.compile and not made:
+            say(f"--compile: the first image took {time.perf_counter() - started:.1f} s, compiling included")
         for i, path in enumerate(job.outputs):
             if args.overwrite or not path.exists():
                 save_png(path, np.asarray(result.images[i]), {**result.record, "image_index": i},
