@@ -21,8 +21,8 @@ from mmdit.errors import InputError
 from mmdit.model import MMDiT, MMDiTConfig
 from mmdit.vae import VAE, decode, encode, to_uint8
 from samplers import (
-    PRESETS, REFERENCE_PRESETS, Denoiser, Guidance, Inpaint, ModelCall, Preset, first_step, initial_noise, noised, sample,
-    sigmas,
+    DEFAULT_STRENGTH, PRESETS, REFERENCE_PRESETS, Denoiser, Guidance, Inpaint, ModelCall, Preset, first_step,
+    initial_noise, noised, sample, sigmas,
 )
 
 from .checkpoint import Checkpoint, check_offload, load_transformer, load_vae, locate, transformer_config, variant
@@ -389,7 +389,7 @@ class Pipeline:
         settings = self.settings(seed=seed, height=height, width=width, steps=steps, cfg=cfg, shift=shift,
                                  slg_layers=slg_layers, slg_scale=slg_scale, slg_start=slg_start, slg_stop=slg_stop,
                                  sampler=sampler)
-        strength = (0.6 if strength is None else strength) if init_image is not None else None
+        strength = (DEFAULT_STRENGTH if strength is None else strength) if init_image is not None else None
         start = (lambda batch: self._image_start(init_image, mask, settings, strength, batch, memory)) \
             if init_image is not None else None
         length = max_sequence_length or self.preset.max_sequence_length

@@ -7,9 +7,10 @@ from samplers.euler import euler_step
 from samplers.guidance import Guidance, cfg, slg, slg_active
 from samplers.presets import PRESETS, REFERENCE_PRESETS, Preset
 from samplers.loop import SAMPLERS, Denoiser, Inpaint, ModelCall, initial_noise, sample
-from samplers.schedule import first_step, noised, shifted, sigmas, timesteps, unshifted
+from samplers.schedule import DEFAULT_STRENGTH, first_step, noised, shifted, sigmas, timesteps, unshifted
 
 __all__ = [
+    "DEFAULT_STRENGTH",
     "PRESETS",
     "REFERENCE_PRESETS",
     "SAMPLERS",

@@ -93,6 +93,9 @@ def timesteps(sigmas: Tensor) -> Tensor:
     return sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # (N,)
 
 
+DEFAULT_STRENGTH = 0.6  # image to image: diffusers' default for its img2img and inpainting pipelines
+
+
 def first_step(steps: int, strength: float) -> int:
     """Where image-to-image starts in an N-step schedule: diffusers' ``get_timesteps``,
     ``int(max(N − min(N·strength, N), 0))``, so strength 1 starts at pure noise (step 0) and smaller strengths

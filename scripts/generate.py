@@ -33,7 +33,7 @@ from loaders.fp8 import WEIGHTS  # noqa: E402
 from loaders.lora import LoRA  # noqa: E402
 from loaders.pipeline import DTYPES, PRESET_KINDS  # noqa: E402
 from mmdit.errors import InputError  # noqa: E402
-from samplers import SAMPLERS, first_step  # noqa: E402
+from samplers import DEFAULT_STRENGTH, SAMPLERS, first_step  # noqa: E402
 
 TEMPLATE = "out/{index:04d}.png"  # --out for --prompts when none is given
 
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace, say) -> int:
     settings = pipe.settings(seed=args.seed, **options)
     steps = settings.steps
     if args.init_image is not None:
-        steps -= first_step(settings.steps, 0.6 if args.strength is None else args.strength)
+        steps -= first_step(settings.steps, DEFAULT_STRENGTH if args.strength is None else args.strength)
     say(f"model {pipe.checkpoint.name} ({pipe.defaults.variant}), {settings.steps} steps, cfg {settings.cfg}, "
         f"shift {settings.shift}, {settings.sampler}, {settings.width}x{settings.height}, {args.dtype} on {device}"
         + (", float8 weights" if args.weights == "fp8" else "")
