@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from scripts.bench import LARGE, Shape, diffusers_model, make_inputs, ours_from  # noqa: E402
+from scripts.bench import LARGE, TINY, Shape, diffusers_model, make_inputs, ours_from  # noqa: E402
 
 CATEGORIES = (
     ("GEMM", ("addmm", "aten::mm", "bmm", "matmul", "linear", "mkldnn_", "_mm")),
@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--calls", type=int, default=2, help="profiled calls per engine (default 2)")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--tiny", action="store_true", help="a tiny width at 64x64, to check the script in seconds")
     args = p.parse_args(argv)
-    shape = Shape(blocks=args.blocks, size=512, batch=2, **LARGE)
+    shape = Shape(blocks=args.blocks, size=64, batch=2, **TINY) if args.tiny else Shape(blocks=args.blocks, size=512,
+                                                                                      batch=2, **LARGE)
     theirs = diffusers_model(shape, seed=0)
     x, t, context, pooled = make_inputs(shape, seed=1)
     print("| engine | dtype | s/step | GEMM | attention | element-wise | copies | GEMM GFLOP/s | matmul peak | roofline share |\n"

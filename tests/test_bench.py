@@ -84,3 +84,15 @@ def test_bad_arguments_are_refused(capsys):
     assert "float64" in capsys.readouterr().err
     assert main(["--tiny", "--size", "1024", "--quiet"]) == 2  # 64 patches do not fit the tiny 16x16 table
     assert "position table" in capsys.readouterr().err
+
+
+def test_profile_step_tiny_has_a_row_per_engine_and_dtype(capsys):
+    from scripts.profile_step import main as profile_main
+
+    assert profile_main(["--tiny", "--blocks", "1", "--calls", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ours") or line.startswith("| diffusers")]
+    assert [r.split("|")[1:3] for r in rows] == [[" ours ", " float32 "], [" diffusers ", " float32 "],
+                                                 [" ours ", " bfloat16 "], [" diffusers ", " bfloat16 "]]
+    for row in rows:  # the four shares add up to the whole step
+        shares = [float(c.strip().rstrip("%")) for c in row.split("|")[4:8]]
+        assert 97 <= sum(shares) <= 103, row
