@@ -182,9 +182,9 @@ def model_defaults(source: ModelSource, checkpoint: Checkpoint, config: MMDiTCon
 
     `kind` "diffusers" (the default): the model cards' diffusers settings, Euler; "reference": Stability's
     reference settings and sampler (`samplers.REFERENCE_PRESETS`; for the built-in model, its own preset with
-    DPM-Solver++(2M)). A checkpoint with a release's architecture but another depth (a tiny test model, a pruned or distilled one)
-    keeps that release's steps, CFG and shift, but gets no skip-layer guidance: the release's skip-layer blocks
-    were chosen for its own depth.
+    DPM-Solver++(2M)). A checkpoint with a release's architecture but another depth (a tiny test model, a pruned
+    or distilled one) keeps that release's steps, CFG and shift, but gets no skip-layer guidance: the release's
+    skip-layer blocks were chosen for its own depth.
     """
     from .builtin import PRESET, SIZE
 
@@ -320,10 +320,16 @@ class Pipeline:
             self._vae = vae
         return vae
 
-    def settings(self, *, seed: int = 0, height: int | None = None, width: int | None = None, **overrides) -> Settings:
-        """The preset with every override that is not None applied; checks the skip-layer blocks exist."""
-        size = self.defaults.size
-        settings = Settings.from_preset(self.preset, seed=seed, height=height or size, width=width or size,
+    def settings(self, *, seed: int = 0, height: int | None = None, width: int | None = None, init_image=None,
+                 **overrides) -> Settings:
+        """The preset with every override that is not None applied; checks the skip-layer blocks exist. A side
+        not given is the model's default size, or, with an `init_image`, the image's, rounded down to 16."""
+        from .images import output_size
+
+        size = (self.defaults.size,) * 2
+        if init_image is not None and not (height and width):
+            size = output_size(init_image)  # (height, width)
+        settings = Settings.from_preset(self.preset, seed=seed, height=height or size[0], width=width or size[1],
                                         **overrides)
         missing = [i for i in settings.slg_layers if i >= self.config.depth]
         if missing:
@@ -378,15 +384,10 @@ class Pipeline:
         """
         from dense import layout_prompt, parse_layout, read_layout
 
-        from .images import output_size
-
         if init_image is None and (mask is not None or strength is not None):
             raise InputError(f"{'a mask' if mask is not None else 'strength'} needs an init image "
                              "(--init-image / init_image=...)")
-        if init_image is not None and (height is None or width is None):
-            size = output_size(init_image)
-            height, width = height or size[0], width or size[1]
-        settings = self.settings(seed=seed, height=height, width=width, steps=steps, cfg=cfg, shift=shift,
+        settings = self.settings(seed=seed, height=height, width=width, init_image=init_image, steps=steps, cfg=cfg, shift=shift,
                                  slg_layers=slg_layers, slg_scale=slg_scale, slg_start=slg_start, slg_stop=slg_stop,
                                  sampler=sampler)
         strength = (DEFAULT_STRENGTH if strength is None else strength) if init_image is not None else None

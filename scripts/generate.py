@@ -218,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, say) -> int:
     from loaders import Pipeline
-    from loaders.images import output_size
     from loaders.layout import save_attention_maps
     from loaders.memory import MemoryLog, memory_table
     from loaders.pngmeta import save_png
@@ -254,14 +253,10 @@ def run(args: argparse.Namespace, say) -> int:
         say("Using the built-in tiny model: it only knows 128x128 scenes of circles, squares and triangles in red, "
             "green, blue and yellow, e.g. 'a red circle and a blue square'.")
         say("For real images give the official weights, e.g. --model stabilityai/stable-diffusion-3.5-medium")
-    height, width = args.height, args.width
-    if args.init_image is not None and (height is None or width is None):
-        size = output_size(args.init_image)
-        height, width = height or size[0], width or size[1]
-    options = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, height=height, width=width,
+    options = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, height=args.height, width=args.width,
                    slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
                    slg_stop=args.slg_stop, sampler=args.sampler)
-    settings = pipe.settings(seed=args.seed, **options)
+    settings = pipe.settings(seed=args.seed, init_image=args.init_image, **options)
     steps = settings.steps
     if args.init_image is not None:
         steps -= first_step(settings.steps, DEFAULT_STRENGTH if args.strength is None else args.strength)
