@@ -33,7 +33,19 @@ def layer_norm(x: Tensor) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]  # (B, L, D) by (B, D) per sample
+    # (B, L, D) by (B, D) per sample. The shift is added in place: one new (B, L, D) tensor instead of two, and
+    # the same two roundings as `x * (1 + scale) + shift` (torch.addcmul would fuse them into one, changing bits).
+    return (x * (1 + scale[:, None])).add_(shift[:, None])
+
+
+def gated_residual(x: Tensor, gate: Tensor, out: Tensor) -> Tensor:
+    """x + gate·out for a sub-layer's fresh output `out` (B, L, D), computed in `out`'s memory.
+
+    Bit for bit `x + gate[:, None] * out` (the same product, then the same sum; addition commutes exactly), but
+    without two new (B, L, D) tensors: on a CPU a fresh large tensor costs its page faults, which at SD3.5-Large
+    width take as long as the arithmetic (docs/numerics.md §9.9).
+    """
+    return clamp_fp16(out.mul_(gate[:, None]).add_(x))
 
 
 def clamp_fp16(x: Tensor) -> Tensor:
@@ -68,7 +80,9 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(4 * dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        # GELU in place on fc1's fresh (B, L, 4D) output: the widest tensor of the block is not allocated twice
+        # (the same kernel as F.gelu, so the same bits; under autograd torch keeps the input it needs).
+        return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
 
 
 class StreamBlock(nn.Module):
@@ -88,12 +102,12 @@ class StreamBlock(nn.Module):
     def post_attention(self, x: Tensor, attn_out: Tensor, prep: Prepared, dense: DenseAttention | None) -> Tensor:
         """attn_out: this stream's rows of the joint attention output, (B, L, D)."""
         msa, mlp = prep.mods[0], prep.mods[1]
-        x = clamp_fp16(x + msa.gate[:, None] * self.attn.proj(attn_out))
+        x = gated_residual(x, msa.gate, self.attn.proj(attn_out))
         if self.attn2 is not None:  # MMDiT-X: image-only attention, added after the joint one
             msa2 = prep.mods[2]
             q, k, v = self.attn2.qkv_heads(modulate(prep.normed, msa2.shift, msa2.scale))
-            x = clamp_fp16(x + msa2.gate[:, None] * self.attn2.proj(merge_heads(attention(q, k, v, dense))))
-        return clamp_fp16(x + mlp.gate[:, None] * self.mlp(modulate(layer_norm(x), mlp.shift, mlp.scale)))
+            x = gated_residual(x, msa2.gate, self.attn2.proj(merge_heads(attention(q, k, v, dense))))
+        return gated_residual(x, mlp.gate, self.mlp(modulate(layer_norm(x), mlp.shift, mlp.scale)))
 
 
 class PreOnlyBlock(nn.Module):
