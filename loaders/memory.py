@@ -17,6 +17,7 @@ What the peaks mean:
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -53,6 +54,13 @@ class Stage:
         for t in [*module.parameters(), *module.buffers()]:
             where = str(t.device)
             self.weight_bytes[where] = self.weight_bytes.get(where, 0) + t.nbytes
+
+
+def release_memory() -> None:
+    """Return freed memory now: call it after the last reference to a module is gone (before the next loads)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def peak_rss() -> int | None:

@@ -7,7 +7,6 @@ its parts: tokenizers (`loaders.tokenizers`), encoders (`mmdit.clip`, `mmdit.t5`
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from mmdit.clip import CLIPOutput
 from mmdit.conditioning import Conditioning, assemble, repeat_for_images
 from mmdit.errors import InputError, MissingInputError
 
-from .memory import MemoryLog, measure
+from .memory import MemoryLog, measure, release_memory
 from .lora import LoRAFile, merge_loras
 from .safetensors import read_shapes
 from .text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
@@ -157,13 +156,6 @@ class EncodedPrompts:
     encoders: tuple[Encoded, ...] = ()  # each encoder's own outputs, per group (prompts, negatives, extra texts)
 
 
-def _release_memory() -> None:
-    """Return freed memory now (call it after the last reference to a module is gone)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def encode_texts(
     files: TextFiles,
     groups: Sequence[Sequence[str]],
@@ -233,7 +225,7 @@ def encode_texts(
             # (a helper that `del`s its own argument would leave this name holding it).
             del encoder
             if keep is None:
-                _release_memory()
+                release_memory()
     encoded = [
         Encoded(outputs["CLIP-L"][i], outputs["CLIP-G"][i], outputs["T5"][i] if "T5" in outputs else None)
         for i in range(len(groups))

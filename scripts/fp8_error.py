@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from loaders import Pipeline  # noqa: E402
 from mmdit import init  # noqa: E402
 from mmdit.fp8 import FP8Linear, quantize_linears  # noqa: E402
 from mmdit.model import MMDiT, MMDiTConfig  # noqa: E402
@@ -94,13 +95,6 @@ def measure(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict:
     return row
 
 
-def builtin_mmdit() -> MMDiT:
-    from loaders.builtin import builtin_model
-    from loaders.checkpoint import load_transformer, locate
-
-    return load_transformer(locate(builtin_model()))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -119,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         model.pos_embed.normal_(generator=g)  # a buffer, which randomize_ leaves alone
         rows.append({"component": "MM-DiT", "model": name, **measure(model, mmdit_inputs(cfg, g))})
         del model
-    trained = builtin_mmdit()
+    trained = Pipeline.load(device="cpu").transformer()  # the built-in model's MM-DiT, in float32
     g = torch.Generator().manual_seed(args.seed)
     rows.append({"component": "MM-DiT", "model": "built-in (trained), width 128, 6 blocks",
                  **measure(trained, mmdit_inputs(trained.config, g))})

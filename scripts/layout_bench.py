@@ -196,10 +196,7 @@ def score(image: np.ndarray, case: Case) -> dict:
 def summarise(scores: list[dict], seconds: list[float]) -> dict:
     objects = [o for s in scores for o in s["objects"]]
     return {
-        "in_box": float(np.mean([o["in_box"] for o in objects])),
-        "colour_in_box": float(np.mean([o["colour_in_box"] for o in objects])),
-        "iou": float(np.mean([o["iou"] for o in objects])),
-        "present": float(np.mean([o["present"] for o in objects])),
+        **{key: float(np.mean([o[key] for o in objects])) for key in ("in_box", "colour_in_box", "iou", "present")},
         "all_present": float(np.mean([all(o["present"] for o in s["objects"]) for s in scores])),
         "unnamed": float(np.mean([s["unnamed"] > 0 for s in scores])),
         "seconds": float(np.mean(seconds)),

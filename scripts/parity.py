@@ -72,7 +72,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from loaders.memory import release_memory  # noqa: E402
 from loaders.pipeline import DTYPES  # noqa: E402
 from mmdit.errors import InputError  # noqa: E402
 
@@ -89,7 +90,6 @@ if TYPE_CHECKING:
     from loaders.text import EncoderFile, TextFiles
     from mmdit.conditioning import Conditioning
     from mmdit.model import MMDiTConfig
-    from mmdit.vae import VAEConfig
 
 
 # name on the command line -> label in the table, in running order
@@ -178,13 +178,6 @@ def compare(component: str, outputs: Sequence[Output], tolerance: float, *, comp
     return Row(component, COMPONENTS[component], worst_abs, worst_rel, tolerance, passed, names, "; ".join(problems))
 
 
-def release() -> None:
-    """Return the memory of components the caller has just `del`eted (before the next one is loaded)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ------------------------------------------------------------------------------------------------ arguments
 
 
@@ -250,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     diffusers.utils.logging.disable_progress_bar()
     import_reference_classes()
     # Park everything imported so far outside the garbage collector's reach: the collections that free each
-    # component then only walk objects made after this point (seconds saved on every release()).
+    # component then only walk objects made after this point (seconds saved on every release_memory()).
     gc.freeze()
     try:
         report = run(args, say)
@@ -334,11 +327,9 @@ def run(args: argparse.Namespace, say: Callable[..., None]) -> Report:
     defaults = model_defaults(source, checkpoint, config)
     name, preset = defaults.variant, defaults.preset
     args.max_sequence_length = args.max_sequence_length or preset.max_sequence_length
-    if source.builtin:
-        size = defaults.size
-        steps = args.steps or 6  # the fewest steps with one inside the skip-layer-guidance window (step 1)
-    else:
-        size, steps = 512, args.steps or 2
+    size = defaults.size if source.builtin else 512
+    # 6 on the built-in model: the fewest steps with one inside the skip-layer-guidance window (step 1).
+    steps = args.steps or (6 if source.builtin else 2)
     settings = Settings.from_preset(preset, steps=steps, seed=args.seed, height=args.height or size,
                                     width=args.width or size)
     files = reference_files = None
@@ -394,40 +385,22 @@ def run(args: argparse.Namespace, say: Callable[..., None]) -> Report:
 # ------------------------------------------------------------------------------------------------ architecture
 
 
-def _vae_config(checkpoint: Checkpoint) -> VAEConfig:
-    """The VAE configuration our loader infers (`load_vae`), headers only. `has_encoder` is set True: only the
-    decoder runs here, so a decoder-only file still fits diffusers' AutoencoderKL."""
-    from dataclasses import replace
-
-    from loaders.checkpoint import vae_config
-
-    return replace(vae_config(checkpoint), has_encoder=True)
-
-
-def _text_config(where: EncoderFile, activation: str | None) -> object:
-    """A text encoder's CLIPConfig (activation given) or T5Config (None), as our loaders infer it from headers."""
-    from loaders.text_encoder_keys import clip_config, t5_config
-
-    if activation is None:
-        return t5_config(where.path, prefix=where.prefix)
-    return clip_config(where.path, activation=activation, prefix=where.prefix)
-
-
 def architecture(checkpoint: Checkpoint, files: TextFiles | None, *, vae: bool,
                  transformer: MMDiTConfig | None = None) -> dict[str, object]:
     """Component label -> the configuration our loaders infer for it (no tensor data is read): the MM-DiT always,
     the VAE when `vae`, the text encoders when `files` (the text rows run), each the configuration the loader
     would build (`transformer_config`, `vae_config`, `clip_config`, `t5_config`)."""
-    from loaders.checkpoint import transformer_config
+    from loaders.checkpoint import transformer_config, vae_config
+    from loaders.text_encoder_keys import clip_config, t5_config
 
     configs: dict[str, object] = {"MM-DiT": transformer or transformer_config(checkpoint)}
-    if vae:
-        configs["VAE"] = _vae_config(checkpoint)
+    if vae:  # `has_encoder` set True: only the decoder runs here, so a decoder-only file still fits AutoencoderKL
+        configs["VAE"] = replace(vae_config(checkpoint), has_encoder=True)
     if files is not None:
-        configs["CLIP-L"] = _text_config(files.clip_l, "quick_gelu")
-        configs["CLIP-G"] = _text_config(files.clip_g, "gelu")
+        configs["CLIP-L"] = clip_config(files.clip_l.path, activation="quick_gelu", prefix=files.clip_l.prefix)
+        configs["CLIP-G"] = clip_config(files.clip_g.path, activation="gelu", prefix=files.clip_g.prefix)
         if files.t5 is not None:
-            configs["T5"] = _text_config(files.t5, None)
+            configs["T5"] = t5_config(files.t5.path, prefix=files.t5.prefix)
     return configs
 
 
@@ -483,11 +456,6 @@ class RecordedEncoder(torch.nn.Module):
         except KeyError:
             raise RuntimeError(
                 f"diffusers' encode_prompt asked {self.name} for token ids it was never run on") from None
-
-
-def _texts(setup: Setup) -> list[list[str]]:
-    """The groups encode_prompt encodes: the prompt, then (CFG on) the negative prompt, one call each."""
-    return [[setup.prompt]] + ([[setup.negative]] if setup.negative is not None else [])
 
 
 def _read_file(path: Path, prefix: str = "") -> dict[str, Tensor]:
@@ -573,7 +541,9 @@ def check_text(setup: Setup, wanted: set[str], say: Callable[..., None]
     from mmdit.conditioning import assemble
 
     files, ref_files = setup.files, setup.reference_files
-    groups, L = _texts(setup), setup.max_sequence_length
+    # The groups encode_prompt encodes: the prompt, then (CFG on) the negative prompt, one call each.
+    groups = [[setup.prompt]] + ([[setup.negative]] if setup.negative is not None else [])
+    L = setup.max_sequence_length
     say("ours: CLIP-L, CLIP-G, T5 (one at a time)")
     ours, _, _ = encode_texts(files, groups, max_sequence_length=L, dtype=setup.dtype, device=setup.device)
     our_tokenizers = {"clip-l": (ClipTokenizer.from_folder(files.tokenizer), 77),
@@ -612,7 +582,7 @@ def check_text(setup: Setup, wanted: set[str], say: Callable[..., None]
                 outputs += [Output(f"{which} hidden_states[-2]", mine.penultimate, out.hidden_states[-2]),
                             Output(f"{which} text_embeds", mine.pooled, out.text_embeds)]
         del model, out
-        release()
+        release_memory()
         if name in wanted:
             what = "last_hidden_state" if activation is None else "hidden_states[-2], text_embeds"
             rows.append(compare(name, outputs, setup.tolerance.component, note="; ".join(notes),
@@ -665,18 +635,6 @@ def random_conditioning(setup: Setup) -> tuple[Conditioning, Conditioning | None
 # ------------------------------------------------------------------------------------------------ transformer
 
 
-def diffusers_transformer_kwargs(config: MMDiTConfig, sample_size: int = 128) -> dict:
-    """SD3Transformer2DModel constructor arguments for our MMDiTConfig."""
-    return dict(
-        sample_size=sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
-        out_channels=config.out_channels, num_layers=config.depth, attention_head_dim=config.head_dim,
-        num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
-        caption_projection_dim=config.dim, pooled_projection_dim=config.pooled_dim,
-        pos_embed_max_size=config.pos_embed_max_size, qk_norm="rms_norm" if config.qk_norm else None,
-        dual_attention_layers=tuple(config.dual_attention_layers),
-    )
-
-
 def reference_transformer(setup: Setup) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel
@@ -692,17 +650,18 @@ def reference_transformer(setup: Setup) -> torch.nn.Module:
     state = _read_file(checkpoint.path, TRANSFORMER_PREFIX) or _read_file(checkpoint.path)  # else a bare transformer
     if not is_diffusers_layout(state):
         state = transformer_to_diffusers(state)
-    with init_empty_weights():
-        model = SD3Transformer2DModel(**diffusers_transformer_kwargs(setup.config))
+    config = setup.config
+    with init_empty_weights():  # our MMDiTConfig in SD3Transformer2DModel's terms
+        model = SD3Transformer2DModel(
+            sample_size=128, patch_size=config.patch_size, in_channels=config.in_channels,
+            out_channels=config.out_channels, num_layers=config.depth, attention_head_dim=config.head_dim,
+            num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
+            caption_projection_dim=config.dim, pooled_projection_dim=config.pooled_dim,
+            pos_embed_max_size=config.pos_embed_max_size, qk_norm="rms_norm" if config.qk_norm else None,
+            dual_attention_layers=tuple(config.dual_attention_layers),
+        )
     return load_weights(model, state, what=f"diffusers transformer from {checkpoint.path}", dtype=setup.dtype,
                         device=setup.device)
-
-
-def _batched(positive: Conditioning, negative: Conditioning | None) -> tuple[Tensor, Tensor]:
-    """(context, pooled) of the model call: [negative, positive] under CFG, as both pipelines batch it."""
-    if negative is None:
-        return positive.context, positive.pooled
-    return torch.cat([negative.context, positive.context]), torch.cat([negative.pooled, positive.pooled])
 
 
 def check_transformer(setup: Setup, wanted: set[str], conditioning: tuple[Conditioning, Conditioning | None],
@@ -716,7 +675,9 @@ def check_transformer(setup: Setup, wanted: set[str], conditioning: tuple[Condit
 
     s, dtype, device = setup.settings, setup.dtype, setup.device
     positive, negative = conditioning
-    context, pooled = _batched(positive, negative)
+    context, pooled = positive.context, positive.pooled
+    if negative is not None:  # the model call's batch under CFG is [negative, positive], as both pipelines batch it
+        context, pooled = torch.cat([negative.context, context]), torch.cat([negative.pooled, pooled])
     noise = initial_noise(1, s.height, s.width, s.seed, channels=setup.config.in_channels, dtype=dtype, device=device)
     x = noise.expand(context.shape[0], -1, -1, -1)  # (B, C, h, w): the same noise for both CFG rows
     t = timesteps(sigmas(s.steps, s.shift))[0].to(device).expand(x.shape[0])  # first call: t = 1000
@@ -726,7 +687,7 @@ def check_transformer(setup: Setup, wanted: set[str], conditioning: tuple[Condit
     v_ours = model(x, t, context, pooled) if "transformer" in wanted else None
     latents_ours = generate_latents(model, positive, negative, s) if "sampling" in wanted else None
     del model
-    release()
+    release_memory()
 
     say("diffusers side: SD3Transformer2DModel")
     ref = reference_transformer(setup)
@@ -737,7 +698,7 @@ def check_transformer(setup: Setup, wanted: set[str], conditioning: tuple[Condit
         rows.append(compare("transformer", [Output("velocity", v_ours, v_ref)], setup.tolerance.component))
     if "sampling" not in wanted:
         del ref
-        release()
+        release_memory()
         return rows, None
     pipe = StableDiffusion3Pipeline(
         transformer=ref, scheduler=FlowMatchEulerDiscreteScheduler(shift=s.shift), vae=None, text_encoder=None,
@@ -755,7 +716,7 @@ def check_transformer(setup: Setup, wanted: set[str], conditioning: tuple[Condit
     latents_ref = pipe(**kwargs)[0]
     rows.append(compare("sampling", [Output("final latents", latents_ours, latents_ref)], setup.tolerance.sampling))
     del pipe, ref
-    release()
+    release_memory()
     return rows, latents_ref
 
 
@@ -768,19 +729,6 @@ def random_latents(setup: Setup) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ VAE
-
-
-def diffusers_vae_kwargs(config: VAEConfig) -> dict:
-    """AutoencoderKL constructor arguments for our VAEConfig."""
-    levels = len(config.widths)
-    return dict(
-        in_channels=config.image_channels, out_channels=config.image_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.widths), layers_per_block=config.num_res_blocks,
-        latent_channels=config.latent_channels, norm_num_groups=config.norm_groups,
-        scaling_factor=config.scaling_factor, shift_factor=config.shift_factor,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
 
 
 def reference_vae(setup: Setup) -> torch.nn.Module:
@@ -796,8 +744,16 @@ def reference_vae(setup: Setup) -> torch.nn.Module:
         return model.to(setup.device).eval()
     state = vae_to_diffusers(_read_file(checkpoint.path, VAE_PREFIX))
     config = vae_config(checkpoint)
-    with init_empty_weights():
-        model = AutoencoderKL(**diffusers_vae_kwargs(config))
+    levels = len(config.widths)
+    with init_empty_weights():  # our VAEConfig in AutoencoderKL's terms
+        model = AutoencoderKL(
+            in_channels=config.image_channels, out_channels=config.image_channels,
+            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=tuple(config.widths), layers_per_block=config.num_res_blocks,
+            latent_channels=config.latent_channels, norm_num_groups=config.norm_groups,
+            scaling_factor=config.scaling_factor, shift_factor=config.shift_factor,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
     state = {k: v.to(setup.device, setup.dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     result = model.load_state_dict(state, strict=config.has_encoder, assign=True)
     unfit = result.unexpected_keys or [k for k in result.missing_keys if not k.startswith("encoder.")]
@@ -818,7 +774,7 @@ def check_vae(setup: Setup, wanted: set[str], latents: Tensor, say: Callable[...
     image_ours = decode(vae, latents)  # (B, 3, H, W)
     png_ours = to_uint8(image_ours).cpu()  # (B, H, W, 3), what decode_images returns
     del vae
-    release()
+    release_memory()
 
     say("diffusers side: AutoencoderKL")
     ref = reference_vae(setup)
@@ -827,7 +783,7 @@ def check_vae(setup: Setup, wanted: set[str], latents: Tensor, say: Callable[...
     processor = VaeImageProcessor(vae_scale_factor=2 ** (len(ref.config.block_out_channels) - 1))
     png_ref = torch.from_numpy(np.stack([np.asarray(im) for im in processor.postprocess(image_ref, output_type="pil")]))
     del ref
-    release()
+    release_memory()
     rows = []
     if "vae" in wanted:
         rows.append(compare("vae", [Output("decoded image", image_ours, image_ref)], setup.tolerance.component))

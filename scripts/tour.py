@@ -20,7 +20,6 @@ with one of its captions. --model as in generate.py.
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import os
 import sys
@@ -34,16 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from loaders.memory import release_memory  # noqa: E402
 from loaders.pipeline import DTYPES  # noqa: E402
 from mmdit.errors import InputError  # noqa: E402
 
 if TYPE_CHECKING:
-    from loaders.checkpoint import Checkpoint
-    from loaders.pipeline import Settings
-    from loaders.text import TextFiles
+    from loaders.pipeline import Pipeline, Settings
+    from loaders.text import EncodedPrompts
     from loaders.tokenizers import ClipTokenizer, T5Tokenizer
-    from mmdit.conditioning import Conditioning
-    from mmdit.model import MMDiTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPT = "a red fox sitting in a snowy forest at dawn, soft golden light"
@@ -187,59 +184,36 @@ def argv_for_page(argv: list[str] | None) -> str:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
 def run(args: argparse.Namespace) -> Tour:
-    from loaders.checkpoint import locate, transformer_config
-    from loaders.hub import resolve_model
-    from loaders.pipeline import Settings, model_defaults
-    from loaders.text import find_text_files
+    from loaders import Pipeline
+    from loaders.pipeline import Settings
 
-    source = resolve_model(args.model)
-    checkpoint = locate(source.diffusion)
-    config = transformer_config(checkpoint)
-    defaults = model_defaults(source, checkpoint, config)
-    name, preset, size = defaults.variant, defaults.preset, defaults.size
+    # Loads nothing yet (keep_loaded off): each stage loads its component, and frees it before the next.
+    pipe = Pipeline.load(args.model, dtype=DTYPES[args.dtype], device=args.device, tokenizers=args.tokenizers)
+    preset, size = pipe.preset, pipe.defaults.size
+    # Not pipe.settings, which also insists that the preset's skip-layer blocks exist (a tiny --model may lack them).
     settings = Settings.from_preset(preset, steps=args.steps, seed=args.seed, height=args.height or size,
                                     width=args.width or size)
-    args.prompt = args.prompt or (BUILTIN_PROMPT if source.builtin else DEFAULT_PROMPT)
+    args.prompt = args.prompt or (BUILTIN_PROMPT if pipe.source.builtin else DEFAULT_PROMPT)
     args.max_sequence_length = args.max_sequence_length or preset.max_sequence_length
-    files = find_text_files(source.diffusion, tokenizers=args.tokenizers)
-    dtype, device = DTYPES[args.dtype], torch.device(args.device)
     negative = args.negative_prompt if settings.guidance.cfg_on else None
     tour = Tour({
-        "model": source.label, "variant": name, "prompt": args.prompt, "negative_prompt": negative,
-        "dtype": args.dtype, "device": str(device), **settings.to_dict(),
+        "model": pipe.source.label, "variant": pipe.defaults.variant, "prompt": args.prompt,
+        "negative_prompt": negative, "dtype": args.dtype, "device": str(pipe.device), **settings.to_dict(),
         "max_sequence_length": args.max_sequence_length,
     })
     with torch.inference_mode():
-        text = text_stages(tour, files, args.prompt, negative, args.max_sequence_length, config, dtype, device)
-        latents = transformer_stages(tour, checkpoint, settings, text, dtype, device)
-        vae_stage(tour, checkpoint, latents, dtype, device)
+        text = text_stages(tour, pipe, args.prompt, negative, args.max_sequence_length)
+        latents = transformer_stages(tour, pipe, settings, text)
+        vae_stage(tour, pipe, latents)
     return tour
 
 
 # ------------------------------------------------------------------------------------------------ text
-
-
-@dataclass(frozen=True)
-class TextResult:
-    """What the text stages hand on: the conditioning, and the prompt's ids to name attended tokens."""
-
-    positive: Conditioning
-    negative: Conditioning | None
-    clip_ids: list[int]
-    t5_ids: list[int]
-    clip_tokenizer: ClipTokenizer
-    t5_tokenizer: T5Tokenizer
 
 
 def _token_rows(tokenizer: ClipTokenizer | T5Tokenizer, ids: list[int], pad_id: int) -> tuple[tuple[str, ...], ...]:
@@ -257,8 +231,7 @@ def _token_rows(tokenizer: ClipTokenizer | T5Tokenizer, ids: list[int], pad_id: 
     return tuple(rows)
 
 
-def text_stages(tour: Tour, files: TextFiles, prompt: str, negative: str | None, length: int, config: MMDiTConfig,
-                dtype: torch.dtype, device: torch.device) -> TextResult:
+def text_stages(tour: Tour, pipe: Pipeline, prompt: str, negative: str | None, length: int) -> EncodedPrompts:
     """Tokenization, the three encoders and the assembly, run by the library's `encode_prompts`; the stages
     show its intermediate values (each encoder's own outputs) and the configurations its loaders inferred."""
     from loaders.text import encode_prompts, encode_texts
@@ -268,8 +241,9 @@ def text_stages(tour: Tour, files: TextFiles, prompt: str, negative: str | None,
     from mmdit.conditioning import assemble, repeat_for_images
     from mmdit.t5 import T5Encoder
 
+    files, config = pipe.files, pipe.config
     encoded = encode_prompts(files, [prompt], [negative] if negative is not None else None, max_sequence_length=length,
-                             context_dim=config.context_dim, dtype=dtype, device=device)
+                             context_dim=config.context_dim, dtype=pipe.dtype, device=pipe.device)
     tok_l, tok_t5 = encoded.tokens.clip_tokenizer, encoded.tokens.t5_tokenizer
     tok_g = ClipTokenizer.from_folder(files.tokenizer_2)
     clip_ids, t5_ids = encoded.tokens.clip, encoded.tokens.t5
@@ -336,7 +310,7 @@ def text_stages(tour: Tour, files: TextFiles, prompt: str, negative: str | None,
          f"are T5. pooled = CLIP-L pooled ‖ CLIP-G pooled ({wl} + {wg} = {positive.pooled.shape[-1]}).",),
         summary=("context", "pooled"),
     ))
-    return TextResult(positive, negative_c, clip_ids, t5_ids, tok_l, tok_t5)
+    return encoded
 
 
 # ------------------------------------------------------------------------------------------------ MM-DiT
@@ -382,9 +356,7 @@ def attention_picture(image_part: np.ndarray, clip_part: np.ndarray, t5_part: np
     return np.asarray(canvas)
 
 
-def transformer_stages(tour: Tour, checkpoint: Checkpoint, settings: Settings, text: TextResult, dtype: torch.dtype,
-                       device: torch.device) -> Tensor:
-    from loaders.checkpoint import load_transformer
+def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: EncodedPrompts) -> Tensor:
     from loaders.pipeline import generate_latents
     from mmdit.attention import attention, merge_heads
     from mmdit.block import PreOnlyBlock, layer_norm, modulate
@@ -393,7 +365,7 @@ def transformer_stages(tour: Tour, checkpoint: Checkpoint, settings: Settings, t
     from samplers import cfg as cfg_fn
     from samplers import euler_step, initial_noise, sample, shifted, sigmas, slg, slg_active, timesteps
 
-    model = load_transformer(checkpoint, dtype=dtype, device=device)
+    model, dtype, device = pipe.transformer(), pipe.dtype, pipe.device
     config = model.config
     positive = text.positive
     context = positive.context.to(dtype)
@@ -492,10 +464,10 @@ def transformer_stages(tour: Tour, checkpoint: Checkpoint, settings: Settings, t
         if j < n_img:
             kind, what = "image", f"cell ({j // gw}, {j % gw})"
         elif j < n_img + 77:
-            token = text.clip_tokenizer.id_to_token(text.clip_ids[j - n_img])
+            token = text.tokens.clip_tokenizer.id_to_token(text.tokens.clip[j - n_img])
             kind, what = "CLIP", f"`{_md(token)}` (position {j - n_img})"
         else:
-            token = text.t5_tokenizer.id_to_token(text.t5_ids[j - n_img - 77])
+            token = text.tokens.t5_tokenizer.id_to_token(text.tokens.t5[j - n_img - 77])
             kind, what = "T5", f"`{_md(token)}` (position {j - n_img - 77})"
         top_rows.append((str(int(j)), kind, what, f"{mean[j]:.4f}"))
     picture = attention_picture(img.reshape(gh, gw), clip_part, t5_part, (gh // 2, gw // 2))
@@ -593,7 +565,7 @@ def transformer_stages(tour: Tour, checkpoint: Checkpoint, settings: Settings, t
                           _fmt((after - before).abs().max().item()), _fmt(v_eff.std().item()),
                           f"![step {i + 1}]({file})"))
     del model
-    _free()
+    release_memory()
     tour.stages.append(Stage(
         "sampling", "Sampling: the Euler updates",
         (where(generate_latents), where(sample), where(cfg_fn), where(slg), where(euler_step)),
@@ -621,17 +593,16 @@ def _md(text: str) -> str:
 # ------------------------------------------------------------------------------------------------ VAE
 
 
-def vae_stage(tour: Tour, checkpoint: Checkpoint, latents: Tensor, dtype: torch.dtype, device: torch.device) -> None:
-    from loaders.checkpoint import load_vae
+def vae_stage(tour: Tour, pipe: Pipeline, latents: Tensor) -> None:
     from loaders.pipeline import decode_images
     from mmdit.vae import decode, to_uint8
 
-    vae = load_vae(checkpoint, dtype=dtype, device=device)
+    vae = pipe.autoencoder()
     cfg = vae.config
     image = decode(vae, latents)  # (B, 3, H, W), about [-1, 1]
     pixels = to_uint8(image)  # (B, H, W, 3)
     del vae
-    _free()
+    release_memory()
     tour.stages.append(Stage(
         "vae", "VAE decode", (where(decode_images), where(decode), where(to_uint8)),
         (TensorInfo.of("latents", latents),
@@ -646,10 +617,6 @@ def vae_stage(tour: Tour, checkpoint: Checkpoint, latents: Tensor, dtype: torch.
 # ------------------------------------------------------------------------------------------------ output
 
 
-def _shape(shape: tuple[int, ...]) -> str:
-    return str(tuple(shape))
-
-
 def render_text(tour: Tour) -> str:
     h = tour.header
     lines = [f"Tour of {h['model']} ({h['variant']}): {h['prompt']!r}, {h['width']}x{h['height']}, {h['steps']} steps, "
@@ -658,7 +625,7 @@ def render_text(tour: Tour) -> str:
         lines += ["", f"{n}. {s.title}", "   code: " + ", ".join(c.name for c in s.code)]
         width = max(len(t.name) for t in s.tensors)
         for t in s.tensors:
-            lines.append(f"   {t.name:<{width}}  {_shape(t.shape):<22} {t.dtype:<8} "
+            lines.append(f"   {t.name:<{width}}  {str(t.shape):<22} {t.dtype:<8} "
                          f"[{_fmt(t.min)}, {_fmt(t.max)}]  mean {_fmt(t.mean)} std {_fmt(t.std)}")
         lines += [f"   {note}" for note in s.notes]
         for table in s.tables:
@@ -703,13 +670,13 @@ def write_page(tour: Tour, folder: Path, command: str) -> Path:
     ]
     for n, s in enumerate(tour.stages, 1):
         shown = [t for t in s.tensors if t.name in s.summary] if s.summary else list(s.tensors[-2:])
-        outs = ", ".join(f"{t.name} {_shape(t.shape)}" for t in shown)
+        outs = ", ".join(f"{t.name} {t.shape}" for t in shown)
         lines.append(f"| {n} | [{s.title}](#{_anchor(n, s.title)}) | {outs} | `{s.code[0].name}` |")
     for n, s in enumerate(tour.stages, 1):
         lines += ["", f"## {n}. {s.title}", "", "Code: " + ", ".join(link(c) for c in s.code), ""]
         lines += ["| tensor | shape | dtype | min | max | mean | std |", "|---|---|---|---:|---:|---:|---:|"]
         for t in s.tensors:
-            lines.append(f"| {t.name} | {_shape(t.shape)} | {t.dtype} | {_fmt(t.min)} | {_fmt(t.max)} | "
+            lines.append(f"| {t.name} | {t.shape} | {t.dtype} | {_fmt(t.min)} | {_fmt(t.max)} | "
                          f"{_fmt(t.mean)} | {_fmt(t.std)} |")
         for note in s.notes:
             lines += ["", note]
@@ -717,10 +684,8 @@ def write_page(tour: Tour, folder: Path, command: str) -> Path:
             lines += ["", "| " + " | ".join(_md(h) for h in table.header) + " |", "|" + "---|" * len(table.header)]
             lines += ["| " + " | ".join(_cell(c, i in table.code_columns) for i, c in enumerate(r)) + " |"
                       for r in table.rows]
-        shown_in_table = s.key == "sampling"
-        for pic in s.pictures:
-            if not shown_in_table:
-                lines += ["", f"![{pic.caption}]({pic.file})", "", f"*{pic.caption}*"]
+        for pic in s.pictures if s.key != "sampling" else ():  # the sampling stage's table shows its own
+            lines += ["", f"![{pic.caption}]({pic.file})", "", f"*{pic.caption}*"]
     page = folder / "tour.md"
     page.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return page

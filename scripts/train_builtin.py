@@ -95,6 +95,16 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 100, floor: floa
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimise_(opt: torch.optim.Optimizer, model: nn.Module, loss: Tensor, lr: float) -> None:
+    """One AdamW step on `loss` at learning rate `lr`, the gradient's norm clipped to 1."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def to_tensor(images: list[np.ndarray]) -> Tensor:
     """uint8 (H, W, 3) images -> (B, 3, H, W) float in [-1, 1]."""
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -185,8 +195,6 @@ def train_vae(args: argparse.Namespace, log: Log) -> VAE:
     # A small posterior noise, a tenth of each channel's spread, instead of a KL term: the decoder learns to
     # ignore small latent errors and the latents keep their precision.
     while step < args.vae_steps:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr)
         crops = []
         for _ in range(args.vae_batch):
             image = shapes.render(shapes.random_scene(rng))
@@ -201,11 +209,7 @@ def train_vae(args: argparse.Namespace, log: Log) -> VAE:
         m = normalised(vae, mean)
         moments = m.mean(dim=(0, 2, 3)).pow(2).mean()
         posterior = (logvar - 2 * noise.log()).pow(2).mean()  # the posterior says what noise was trained
-        loss = recon + 0.1 * moments + 0.01 * posterior
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimise_(opt, vae, recon + 0.1 * moments + 0.01 * posterior, cosine_lr(step, args.vae_steps, args.vae_lr))
         step += 1
         if step % 50 == 0 or step == args.vae_steps:
             log(f"vae step {step}/{args.vae_steps}  recon {recon.item():.4f}  moments {moments.item():.4f}  "
@@ -284,14 +288,11 @@ def dit_init_(model: MMDiT) -> MMDiT:
         for mlp in (model.t_embedder.mlp, model.y_embedder.mlp):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
-        for block in model.joint_blocks:
-            for stream in (block.x_block, block.context_block):
-                nn.init.zeros_(stream.adaLN_modulation[1].weight)
-                nn.init.zeros_(stream.adaLN_modulation[1].bias)
-        nn.init.zeros_(model.final_layer.adaLN_modulation[1].weight)
-        nn.init.zeros_(model.final_layer.adaLN_modulation[1].bias)
-        nn.init.zeros_(model.final_layer.linear.weight)
-        nn.init.zeros_(model.final_layer.linear.bias)
+        zeroed = [stream.adaLN_modulation[1] for block in model.joint_blocks
+                  for stream in (block.x_block, block.context_block)]
+        for layer in [*zeroed, model.final_layer.adaLN_modulation[1], model.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         model.pos_embed.copy_(builtin.position_table(model.config.dim, model.config.pos_embed_max_size))
     return model
 
@@ -318,8 +319,6 @@ def train_dit(args: argparse.Namespace, log: Log, latents: Tensor, labels: Tenso
     last_save, running = time.time(), None
     params = dict(model.named_parameters())
     while step < args.dit_steps:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, args.dit_steps, args.dit_lr)
         idx = torch.randint(len(latents), (args.dit_batch,), generator=g)
         x0 = latents[idx]
         caption = labels[idx].clone()
@@ -329,10 +328,7 @@ def train_dit(args: argparse.Namespace, log: Log, latents: Tensor, labels: Tenso
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         v = model(xt, t * 1000, contexts[caption], pooled[caption])
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimise_(opt, model, loss, cosine_lr(step, args.dit_steps, args.dit_lr))
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
