@@ -684,8 +684,9 @@ def write_page(tour: Tour, folder: Path, command: str) -> Path:
             lines += ["", "| " + " | ".join(_md(h) for h in table.header) + " |", "|" + "---|" * len(table.header)]
             lines += ["| " + " | ".join(_cell(c, i in table.code_columns) for i, c in enumerate(r)) + " |"
                       for r in table.rows]
-        for pic in s.pictures if s.key != "sampling" else ():  # the sampling stage's table shows its own
-            lines += ["", f"![{pic.caption}]({pic.file})", "", f"*{pic.caption}*"]
+        if s.key != "sampling":  # the sampling stage's table shows its own pictures
+            for pic in s.pictures:
+                lines += ["", f"![{pic.caption}]({pic.file})", "", f"*{pic.caption}*"]
     page = folder / "tour.md"
     page.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return page
