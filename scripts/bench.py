@@ -1,18 +1,25 @@
 #!/usr/bin/env python
 """Our MM-DiT's step time next to diffusers' SD3Transformer2DModel: same weights, same inputs, one run.
 
-    python scripts/bench.py                      # SD3.5-Large width, 2 blocks, 512x512, batch 2, fp32 and bf16
+    python scripts/bench.py                      # SD3.5-Large and -Medium widths, 2 blocks, 512x512, batch 2,
+                                                 # fp32 and bf16, eager and compiled
     python scripts/bench.py --tiny --repeats 1   # seconds: a tiny config, to check the script works
 
-One random diffusers transformer is built at SD3.5-Large width (D = 2432 = 38 heads x 64, RMS QK-norm),
-`--blocks` deep, and its weights are mapped into our MMDiT through the production key map and loader, sharing
+Per `--widths` one random diffusers transformer is built: SD3.5-Large's (D = 2432 = 38 heads x 64, RMS QK-norm)
+or SD3.5-Medium's (D = 1536 = 24 heads x 64, RMS QK-norm, the MMDiT-X dual attention in the first of the
+`--blocks` blocks, as in 13 of Medium's 24), `--blocks` deep, and its weights are mapped into our MMDiT through the production key map and loader, sharing
 every tensor the map does not have to rebuild. Per dtype both models are cast, each engine runs once on the
 same inputs (that output is the correctness check: max |ours - diffusers| / max |diffusers|), warms up, then
-the two are timed in interleaved repetitions under `torch.inference_mode()`. The order alternates
+the two are timed in interleaved repetitions under `torch.inference_mode()`. The first call of each engine is
+reported on its own (the "first call" columns): for compiled engines it is the compilation. The order alternates
 (ours, diffusers, diffusers, ours, ...) so that drift in machine load and "who ran first" cancel. The ratio is
 median(ours) / median(diffusers): below 1.00 means our step is faster. The paired ratio (median over back-to-back
 pairs of ours / diffusers) is the one to trust on a busy machine; every pair also records how much CPU other
 processes took meanwhile (Linux /proc), and `--wait-idle S` waits for quiet and redoes disturbed pairs.
+
+Compiled (`--compile`, on by default; `--no-compile` skips it): ours as `Pipeline.load(compile=True)` runs it
+(`torch.compile` of each joint block) against diffusers' documented recipe, `torch.compile(transformer)` of the
+whole model, both with inductor's default mode.
 
 DenseDiffusion (issue 4): the same run also times a modulated step (a three-box layout, `--dense-preset`, at
 the schedule's first and strongest step) against our plain step, and measures the extra peak memory of one
@@ -60,6 +67,8 @@ class Shape:
     size: int  # image pixels per side; the latent is size / 8
     text_tokens: int  # 77 CLIP + 256 T5 in the pipelines
     batch: int  # 2 = one prompt with classifier-free guidance
+    dual_blocks: tuple[int, ...] = ()  # blocks with MMDiT-X's second image self-attention
+    width_name: str = "large"
 
     @property
     def latent(self) -> int:
@@ -70,9 +79,16 @@ class Shape:
         return (self.latent // 2) ** 2
 
 
-# SD3.5-Large: 38 heads x 64, QK RMS norm, a 192 x 192 position table (docs/numerics.md §9.1).
-LARGE = dict(num_heads=38, head_dim=64, context_dim=4096, pooled_dim=2048, pos_embed_max_size=192, text_tokens=333)
-TINY = dict(num_heads=2, head_dim=16, context_dim=64, pooled_dim=48, pos_embed_max_size=16, text_tokens=9)
+# SD3.5-Large: 38 heads x 64, QK RMS norm, a 192 x 192 position table (docs/numerics.md §9.1). SD3.5-Medium: 24 heads
+# x 64, a 384 x 384 table, dual attention (MMDiT-X) in blocks 0-12 of 24: here in the first block of the few.
+WIDTHS = {
+    "large": dict(num_heads=38, head_dim=64, context_dim=4096, pooled_dim=2048, pos_embed_max_size=192,
+                  text_tokens=333, dual_blocks=()),
+    "medium": dict(num_heads=24, head_dim=64, context_dim=4096, pooled_dim=2048, pos_embed_max_size=384,
+                   text_tokens=333, dual_blocks=(0,)),
+}
+TINY = dict(num_heads=2, head_dim=16, context_dim=64, pooled_dim=48, pos_embed_max_size=16, text_tokens=9,
+            dual_blocks=(0,))
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class Result:
+    width: str
     case: str
     dtype: str
     ours: Timing
@@ -97,6 +114,7 @@ class Result:
     reference_name: str
     max_diff: float | None  # max |ours - reference| / max |reference|; None where they are meant to differ
     others_load: list[float]  # per timed pair: fraction of the CPUs other processes used meanwhile
+    first: tuple[float, float]  # seconds of each engine's first call (for a compiled engine: its compilation)
 
     @property
     def ratio(self) -> float:
@@ -118,7 +136,7 @@ class Result:
     def to_json(self) -> dict:
         timing = lambda t: {"median": t.median, "min": t.min, "times": t.times}  # noqa: E731
         return {
-            "case": self.case, "dtype": self.dtype, "ours": timing(self.ours), "reference": timing(self.reference),
+            "width": self.width, "case": self.case, "dtype": self.dtype, "first_call": list(self.first), "ours": timing(self.ours), "reference": timing(self.reference),
             "reference_name": self.reference_name, "ratio": self.ratio, "ratio_min": self.ratio_min,
             "paired_ratio": self.paired_ratio, "max_diff": self.max_diff, "others_load": self.others_load,
         }
@@ -147,6 +165,8 @@ class Engines:
     context: Tensor  # (B, S, context_dim)
     pooled: Tensor  # (B, pooled_dim)
     dense: DenseAttention | None  # a layout's modulation of the positive half at step 0, if benchmarked
+    ours_compiled: nn.Module | None = None  # as Pipeline.load(compile=True): each joint block compiled
+    theirs_compiled: nn.Module | None = None  # torch.compile(transformer)
 
 
 def make_cases(e: Engines) -> list[Case]:
@@ -156,14 +176,13 @@ def make_cases(e: Engines) -> list[Case]:
     check, the table and the JSON all pick it up.
     """
     plain = lambda: e.ours(e.x, e.t, e.context, e.pooled)  # noqa: E731
-    cases = [
-        Case(
-            "step",
-            plain,
-            lambda: e.theirs(hidden_states=e.x, timestep=e.t, encoder_hidden_states=e.context,
-                             pooled_projections=e.pooled, return_dict=False)[0],
-        ),
-    ]
+    diffusers_step = lambda model: lambda: model(  # noqa: E731
+        hidden_states=e.x, timestep=e.t, encoder_hidden_states=e.context, pooled_projections=e.pooled,
+        return_dict=False)[0]
+    cases = [Case("step", plain, diffusers_step(e.theirs))]
+    if e.ours_compiled is not None and e.theirs_compiled is not None:
+        cases.append(Case("compiled step", lambda: e.ours_compiled(e.x, e.t, e.context, e.pooled),
+                          diffusers_step(e.theirs_compiled), reference_name="diffusers compiled"))
     if e.dense is not None:
         cases.append(Case("DenseDiffusion step", lambda: e.ours(e.x, e.t, e.context, e.pooled, dense=e.dense),
                           plain, reference_name="our plain step", same_output=False))
@@ -181,7 +200,7 @@ def diffusers_model(shape: Shape, seed: int) -> nn.Module:
         sample_size=shape.latent, patch_size=2, in_channels=16, out_channels=16, num_layers=shape.blocks,
         attention_head_dim=shape.head_dim, num_attention_heads=shape.num_heads,
         joint_attention_dim=shape.context_dim, caption_projection_dim=width, pooled_projection_dim=shape.pooled_dim,
-        pos_embed_max_size=shape.pos_embed_max_size, qk_norm="rms_norm", dual_attention_layers=(),
+        pos_embed_max_size=shape.pos_embed_max_size, qk_norm="rms_norm", dual_attention_layers=shape.dual_blocks,
     )
     randomize_(model, torch.Generator().manual_seed(seed))  # norm weights around 1, non-zero biases
     return model.requires_grad_(False).eval()
@@ -379,8 +398,13 @@ def _timed(fn: Callable[[], Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def run_case(case: Case, dtype: str, repeats: int, warmup: int, wait_idle: float, say: Callable[[str], None]) -> Result:
-    a, b = case.ours().float(), case.reference().float()  # also the first warm-up call
+def run_case(case: Case, width: str, dtype: str, repeats: int, warmup: int, wait_idle: float,
+             say: Callable[[str], None]) -> Result:
+    start = time.perf_counter()
+    a = case.ours().float()  # also the first warm-up call
+    middle = time.perf_counter()
+    b = case.reference().float()
+    first = (middle - start, time.perf_counter() - middle)
     max_diff = ((a - b).abs().max() / b.abs().max()).item() if case.same_output else None
     del a, b
     for _ in range(warmup - 1):
@@ -403,23 +427,23 @@ def run_case(case: Case, dtype: str, repeats: int, warmup: int, wait_idle: float
         load = min(max(load, 0.0), 1.0)
         note = f"(others used {load:.0%} of the CPUs)"
         if wait_idle and load > BUSY and attempts < 3 * repeats:
-            say(f"  {case.name} {dtype}: pair discarded {note}")
+            say(f"  {width} {case.name} {dtype}: pair discarded {note}")
             continue
         for (_, times), t in zip(pair, spent):
             times.append(t)
         loads.append(load)
-        say(f"  {case.name} {dtype} {len(ours)}/{repeats}: ours {ours[-1]:.3f} s, "
+        say(f"  {width} {case.name} {dtype} {len(ours)}/{repeats}: ours {ours[-1]:.3f} s, "
             f"{case.reference_name} {ref[-1]:.3f} s {note}")
-    return Result(case.name, dtype, Timing(ours), Timing(ref), case.reference_name, max_diff, loads)
+    return Result(width, case.name, dtype, Timing(ours), Timing(ref), case.reference_name, max_diff, loads, first)
 
 
 def run(
     shape: Shape, dtypes: list[str], repeats: int, warmup: int, wait_idle: float, seed: int,
-    dense_preset: str | None, say: Callable[[str], None],
+    dense_preset: str | None, compile: bool, say: Callable[[str], None],
 ) -> list[Result]:
     from diffusers.utils import logging
 
-    say("building the diffusers transformer ...")
+    say(f"building the diffusers transformer ({shape.width_name} width) ...")
     theirs = diffusers_model(shape, seed)
     x, t, context, pooled = make_inputs(shape, seed + 1)
     # classifier-free guidance puts the positive prompt in the second half of the batch
@@ -434,11 +458,21 @@ def run(
             dtype = DTYPES[name]
             theirs = theirs.to(dtype)
             ours = ours_from(theirs, dtype)
-            engines = Engines(ours, theirs, x.to(dtype), t, context.to(dtype), pooled.to(dtype), dense)
+            ours_compiled = theirs_compiled = None
+            if compile:
+                # Fresh compiled code per model: dynamo caches it on the shared forward functions, and would fall
+                # back to eager once the models of every width and dtype filled that cache.
+                torch._dynamo.reset()
+                ours_compiled = ours_from(theirs, dtype)
+                for block in ours_compiled.joint_blocks:
+                    block.compile()  # what Pipeline.load(compile=True) does
+                theirs_compiled = torch.compile(theirs)
+            engines = Engines(ours, theirs, x.to(dtype), t, context.to(dtype), pooled.to(dtype), dense,
+                              ours_compiled, theirs_compiled)
             with torch.inference_mode():
                 for case in make_cases(engines):
-                    results.append(run_case(case, name, repeats, warmup, wait_idle, say))
-            del engines, ours
+                    results.append(run_case(case, shape.width_name, name, repeats, warmup, wait_idle, say))
+            del engines, ours, ours_compiled, theirs_compiled
             gc.collect()
     finally:
         logging.set_verbosity(verbosity)
@@ -470,14 +504,15 @@ def environment() -> dict:
 def markdown(results: list[Result]) -> str:
     """Step times are medians over the timed repetitions; ratio = median(ours) / median(reference)."""
     rows = [
-        "| case | dtype | ours s/step | reference s/step | ratio ours/ref | paired ratio | ours min | ref min "
-        "| max diff / scale | contended pairs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| width | case | dtype | ours s/step | reference s/step | ratio ours/ref | paired ratio | ours min | ref min "
+        "| first call s, ours / ref | max diff / scale | contended pairs |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rows.append(
-            f"| {r.case} vs {r.reference_name} | {r.dtype} | {r.ours.median:.3f} | {r.reference.median:.3f} "
+            f"| {r.width} | {r.case} vs {r.reference_name} | {r.dtype} | {r.ours.median:.3f} | {r.reference.median:.3f} "
             f"| **{r.ratio:.3f}** | {r.paired_ratio:.3f} | {r.ours.min:.3f} | {r.reference.min:.3f} "
+            f"| {r.first[0]:.1f} / {r.first[1]:.1f} "
             f"| {'(meant to differ)' if r.max_diff is None else f'{r.max_diff:.1e}'} "
             f"| {r.contended}/{len(r.others_load)} |"
         )
@@ -495,7 +530,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="image pixels per side, a multiple of 16 (default 512; 64 with --tiny)")
     p.add_argument("--text-tokens", type=int, help="text tokens (default 333 = 77 CLIP + 256 T5; 9 with --tiny)")
     p.add_argument("--batch", type=int, default=2, help="batch (default 2: one prompt with CFG)")
-    p.add_argument("--tiny", action="store_true", help="a tiny width (2 heads x 16) instead of SD3.5-Large's")
+    p.add_argument("--widths", default="large,medium",
+                   help="comma-separated SD3.5 widths: large (38 heads x 64), medium (24 x 64, dual attention in "
+                        "block 0) (default: both)")
+    p.add_argument("--tiny", action="store_true", help="a tiny width (2 heads x 16) instead of --widths")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time both engines under torch.compile (default; --no-compile skips it)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="S",
                    help="before each timed pair wait up to S s for other processes to go idle, and redo pairs they "
                         "disturbed (default 0: time at once, keep every pair, report the disturbance)")
@@ -516,6 +556,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad or not args.dtypes:
         p.error(f"--dtypes: unknown {bad or 'empty list'}; choose from {', '.join(DTYPES)}")
+    args.widths = [w.strip() for w in args.widths.split(",") if w.strip()]
+    bad = [w for w in args.widths if w not in WIDTHS]
+    if bad or not args.widths:
+        p.error(f"--widths: unknown {bad or 'empty list'}; choose from {', '.join(WIDTHS)}")
     if args.repeats < 1 or args.warmup < 1 or args.blocks < 1 or args.batch < 1 or args.wait_idle < 0:
         p.error("--repeats, --warmup, --blocks and --batch must be at least 1, --wait-idle not negative")
     args.dense_preset = None if args.dense_preset == "none" else args.dense_preset
@@ -531,12 +575,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def shape_from(args: argparse.Namespace) -> Shape:
-    base = TINY if args.tiny else LARGE
+def shape_from(args: argparse.Namespace, width: str) -> Shape:
+    base = TINY if args.tiny else WIDTHS[width]
     size = args.size or (64 if args.tiny else 512)
     if size % 16:
         raise ValueError(f"--size {size} is not a multiple of 16 (8 for the VAE x 2 for the patches)")
-    shape = Shape(blocks=args.blocks, size=size, batch=args.batch,
+    shape = Shape(blocks=args.blocks, size=size, batch=args.batch, width_name="tiny" if args.tiny else width,
                   **{**base, "text_tokens": args.text_tokens or base["text_tokens"]})
     if shape.latent // 2 > shape.pos_embed_max_size:
         raise ValueError(f"--size {size} needs a {shape.latent // 2}-patch position table; this one has "
@@ -550,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        shape = shape_from(args)
+        shapes = [shape_from(args, w) for w in (["tiny"] if args.tiny else args.widths)]
+        shape = shapes[0]  # the memory measurement's heads
         memory_shape = None
         if args.memory_size and args.dense_preset:  # the attention alone: no position table to fit
             if args.memory_size % 16:
@@ -562,10 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"# MM-DiT step: ours vs diffusers {env['diffusers']}")
     print(f"torch {env['torch']} | {env['threads']} threads | {env['cpu']} ({env['cpu_capability']})")
-    print(f"D = {shape.num_heads} x {shape.head_dim} = {shape.num_heads * shape.head_dim}, {shape.blocks} blocks, "
-          f"{shape.size}x{shape.size} ({shape.image_tokens} image + {shape.text_tokens} text tokens), "
-          f"batch {shape.batch}; {args.repeats} interleaved repeats after {args.warmup} warm-up\n")
-    results = run(shape, args.dtypes, args.repeats, args.warmup, args.wait_idle, args.seed, args.dense_preset, say)
+    for s in shapes:
+        print(f"{s.width_name}: D = {s.num_heads} x {s.head_dim} = {s.num_heads * s.head_dim}, {s.blocks} blocks "
+              f"(dual attention in {list(s.dual_blocks) or 'none'}), {s.size}x{s.size} ({s.image_tokens} image + "
+              f"{s.text_tokens} text tokens), batch {s.batch}")
+    print(f"{args.repeats} interleaved repeats after {args.warmup} warm-up{', eager and compiled' * args.compile}\n")
+    results = [r for s in shapes for r in run(s, args.dtypes, args.repeats, args.warmup, args.wait_idle, args.seed,
+                                              args.dense_preset, args.compile, say)]
     print(markdown(results))
     memory = attention_memory(memory_shape, args.memory_chunks, args.dense_preset, say) if memory_shape else []
     if memory:
@@ -575,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nOther processes used more than {BUSY:.0%} of the CPUs during some timed pairs: those times are "
               "inflated. Trust the paired ratio most, or run again with --wait-idle 120.")
     if args.json:
-        report = {"environment": env, "shape": asdict(shape), "repeats": args.repeats, "warmup": args.warmup,
+        report = {"environment": env, "shapes": [asdict(s) for s in shapes], "repeats": args.repeats, "warmup": args.warmup,
                   "wait_idle": args.wait_idle, "dense_preset": args.dense_preset,
                   "results": [r.to_json() for r in results],
                   "memory": {"shape": asdict(memory_shape), "calls": [asdict(m) for m in memory]} if memory else None}

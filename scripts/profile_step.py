@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where one MM-DiT step's time goes, ours and diffusers': `python scripts/profile_step.py`.
 
-The models and inputs of `scripts/bench.py` (SD3.5-Large width, `--blocks` 2, 512x512, batch 2; the same random
+The models and inputs of `scripts/bench.py` (SD3.5-Large width, or `--width medium`, `--blocks` 2, 512x512, batch 2; the same random
 weights in both engines), one warm-up call each, then `--calls` calls under `torch.profiler` (CPU). Each operator's
 own time (not counting the operators it calls) goes to one of: GEMM (matrix products: addmm, mm, bmm, linear's
 kernels), attention (the fused scaled-dot-product kernels), copies (copy_, clone, cat, contiguous, layout changes)
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from scripts.bench import LARGE, TINY, Shape, diffusers_model, make_inputs, ours_from  # noqa: E402
+from scripts.bench import TINY, WIDTHS, Shape, diffusers_model, make_inputs, ours_from  # noqa: E402
 
 CATEGORIES = (
     ("GEMM", ("addmm", "aten::mm", "bmm", "matmul", "linear", "mkldnn_", "_mm")),
@@ -73,14 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--calls", type=int, default=2, help="profiled calls per engine (default 2)")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--width", default="large", choices=sorted(WIDTHS),
+                   help="SD3.5-Large's (38 heads x 64) or SD3.5-Medium's (24 x 64, dual attention in block 0)")
     p.add_argument("--tiny", action="store_true", help="a tiny width at 64x64, to check the script in seconds")
     args = p.parse_args(argv)
-    shape = Shape(blocks=args.blocks, size=64, batch=2, **TINY) if args.tiny else Shape(blocks=args.blocks, size=512,
-                                                                                      batch=2, **LARGE)
+    width, size = ("tiny", 64) if args.tiny else (args.width, 512)
+    shape = Shape(blocks=args.blocks, size=size, batch=2, width_name=width, **(TINY if args.tiny else WIDTHS[width]))
     theirs = diffusers_model(shape, seed=0)
     x, t, context, pooled = make_inputs(shape, seed=1)
-    print("| engine | dtype | s/step | GEMM | attention | element-wise | copies | GEMM GFLOP/s | matmul peak | roofline share |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| width | engine | dtype | s/step | GEMM | attention | element-wise | copies | GEMM GFLOP/s | matmul peak | roofline share |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.dtypes.split(","):  # float32 first: each cast rounds the float32 weights once
         dtype = getattr(torch, name)
         peak = matmul_peak(dtype, shape.batch * (shape.image_tokens + shape.text_tokens), shape.num_heads * shape.head_dim)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 share = {k: parts.get(k, (0.0, 0.0))[0] / total for k in ("GEMM", "attention", "element-wise", "copies")}
                 gemm_s, gemm_gflop = parts.get("GEMM", (0.0, 0.0))
                 rate = gemm_gflop / gemm_s if gemm_s else 0.0
-                print(f"| {engine} | {name} | {total:.2f} | {share['GEMM']:.0%} | {share['attention']:.0%} | "
+                print(f"| {width} | {engine} | {name} | {total:.2f} | {share['GEMM']:.0%} | {share['attention']:.0%} | "
                       f"{share['element-wise']:.0%} | {share['copies']:.0%} | {rate:.0f} | {peak:.0f} | "
                       f"{rate / peak:.0%} |", flush=True)
     return 0

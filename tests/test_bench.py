@@ -27,24 +27,27 @@ def keep_threads():
 
 def test_tiny_bench_prints_table_and_writes_json(tmp_path, capsys, keep_threads):
     out = tmp_path / "bench.json"
-    assert main(["--tiny", "--repeats", "1", "--warmup", "1", "--threads", "1", "--json", str(out), "--quiet"]) == 0
+    assert main(["--tiny", "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-compile", "--json", str(out),
+                 "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "threads" in printed and "torch" in printed
     steps, _, memory = printed.partition("## Peak memory")
     table = [line for line in steps.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4  # header, rule, two cases per dtype
-    assert "| step vs diffusers | float32 |" in table[2] and "| step vs diffusers | bfloat16 |" in table[4]
-    assert "| DenseDiffusion step vs our plain step | float32 |" in table[3]
+    assert "| tiny | step vs diffusers | float32 |" in table[2] and "| tiny | step vs diffusers | bfloat16 |" in table[4]
+    assert "| tiny | DenseDiffusion step vs our plain step | float32 |" in table[3]
     assert "(meant to differ)" in table[3] and "(meant to differ)" in table[5]
 
     report = json.loads(out.read_text())
     assert report["environment"]["threads"] == 1
-    assert report["shape"]["num_heads"] == 2 and report["shape"]["size"] == 64
+    [shape] = report["shapes"]
+    assert shape["num_heads"] == 2 and shape["size"] == 64 and shape["dual_blocks"] == [0]  # MMDiT-X's block too
     assert [(r["case"], r["dtype"]) for r in report["results"]] == [
         ("step", "float32"), ("DenseDiffusion step", "float32"), ("step", "bfloat16"), ("DenseDiffusion step", "bfloat16")]
     for r in report["results"]:
         for engine in ("ours", "reference"):
             assert len(r[engine]["times"]) == 1 and r[engine]["median"] == r[engine]["min"] > 0
+        assert len(r["first_call"]) == 2 and min(r["first_call"]) > 0
         assert r["ratio"] == pytest.approx(r["ours"]["median"] / r["reference"]["median"])
         if r["case"] == "step":
             # same weights, same inputs: the two engines agree (a fast-but-wrong engine would show up here)
@@ -90,9 +93,21 @@ def test_profile_step_tiny_has_a_row_per_engine_and_dtype(capsys):
     from scripts.profile_step import main as profile_main
 
     assert profile_main(["--tiny", "--blocks", "1", "--calls", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ours") or line.startswith("| diffusers")]
-    assert [r.split("|")[1:3] for r in rows] == [[" ours ", " float32 "], [" diffusers ", " float32 "],
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert [r.split("|")[2:4] for r in rows] == [[" ours ", " float32 "], [" diffusers ", " float32 "],
                                                  [" ours ", " bfloat16 "], [" diffusers ", " bfloat16 "]]
     for row in rows:  # the four shares add up to the whole step
-        shares = [float(c.strip().rstrip("%")) for c in row.split("|")[4:8]]
+        shares = [float(c.strip().rstrip("%")) for c in row.split("|")[5:9]]
         assert 97 <= sum(shares) <= 103, row
+
+
+def test_tiny_bench_compiled_step_agrees_with_diffusers_compiled(tmp_path, keep_threads):
+    """--compile adds one case per dtype: our compiled blocks against diffusers' compiled transformer, on the
+    same weights; their outputs agree within the parity tolerance, and the compilation is the first call."""
+    out = tmp_path / "bench.json"
+    assert main(["--tiny", "--blocks", "1", "--repeats", "1", "--dtypes", "float32", "--dense-preset", "none",
+                 "--threads", "1", "--json", str(out), "--quiet"]) == 0
+    step, compiled = json.loads(out.read_text())["results"]
+    assert (step["case"], compiled["case"]) == ("step", "compiled step")
+    assert compiled["reference_name"] == "diffusers compiled" and compiled["max_diff"] <= 1e-5
+    assert compiled["first_call"][0] > compiled["ours"]["median"]  # compiling is slower than a compiled call
