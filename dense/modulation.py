@@ -270,7 +270,8 @@ class DensePlan:
         device: torch.device | str | None = None,
     ) -> DensePlan:
         """Plan a generation from the token assignment (`assign_tokens`), one `match_phrase` result and one
-        phrase per region, the text length 77 + L_t5, and the sampler's sigmas / step count / shift."""
+        phrase per region, the text length `n_txt` = L_clip + L_t5 (77 + L_t5 in released models), and the
+        sampler's sigmas / step count / shift."""
         R = len(regions.area)
         if not (len(matches) == len(phrases) == R):
             raise ValueError(f"need one phrase match and one phrase per region ({R}), "

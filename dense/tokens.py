@@ -3,9 +3,11 @@
 * Image tokens (docs/densediffusion.md §3): SD3 patchifies the latent 2×2, and the VAE downsamples 8×, so each
   image token is a 16×16-pixel cell, row-major over the (H/16) × (W/16) grid. A token belongs to the
   region that covers most of its cell, if that region covers at least half of it.
-* Text tokens (docs/densediffusion.md §4): the joint sequence's text part is 77 CLIP positions followed by the
-  T5 positions. A phrase is located by exact token-id subsequence match, separately in each part,
-  because the two tokenizers split words differently (and CLIP truncates at 77 tokens, T5 later).
+* Text tokens (docs/densediffusion.md §4): the joint sequence's text part is the CLIP positions (as many as
+  the CLIP tokenizers pad to, 77 in every released model) followed by the T5 positions. A phrase is located by
+  exact token-id subsequence match, separately in each part, because the two tokenizers split words
+  differently (and CLIP truncates at its length, T5 later). The CLIP length is read off the prompt's CLIP ids
+  and travels with each match (`PhraseMatch.clip_length`), so nothing here assumes 77.
 
 Everything here is a pure function of masks and id lists; the tokenizers live in `loaders/`.
 """
@@ -20,10 +22,10 @@ import torch
 from torch import Tensor
 
 from dense.layout import LayoutError, region_name
+from mmdit.conditioning import CLIP_TOKENS  # the released models' CLIP length: PhraseMatch's default
 from mmdit.errors import InputError
 
 CELL = 16  # pixels per image token side: VAE factor 8 × patch size 2
-CLIP_TOKENS = 77  # the CLIP part of the joint text sequence; the T5 part starts here
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,16 +83,16 @@ def assign_tokens(masks: Tensor, phrases: Sequence[str] | None = None) -> Region
 class PhraseMatch:
     """Where a phrase sits in the prompt's text tokens; empty ranges when absent (or for an empty phrase)."""
 
-    clip: range  # positions in the CLIP part (0..76); same for CLIP-L and CLIP-G
+    clip: range  # positions in the CLIP part (0..clip_length-1); same for CLIP-L and CLIP-G
     t5: range  # positions in the T5 part, counted from the start of the T5 part (0..L_t5-1)
+    # The CLIP part's length, where the T5 part starts in the joint text sequence. `match_phrase` sets it from
+    # the prompt's CLIP ids; the default is every released model's.
+    clip_length: int = CLIP_TOKENS
 
     @property
     def positions(self) -> tuple[int, ...]:
-        """Positions in the joint text sequence (CLIP part first, T5 part from 77)."""
-        return tuple(self.clip) + tuple(CLIP_TOKENS + j for j in self.t5)
-
-
-NO_MATCH = PhraseMatch(clip=range(0), t5=range(0))
+        """Positions in the joint text sequence (CLIP part first, T5 part from `clip_length`)."""
+        return tuple(self.clip) + tuple(self.clip_length + j for j in self.t5)
 
 
 def find_subsequence(ids: Sequence[int], sub: Sequence[int], start: int = 0) -> int | None:
@@ -117,17 +119,20 @@ def match_phrase(
 ) -> PhraseMatch:
     """Locate a phrase in the prompt's tokens (first exact match in each part).
 
-    `prompt_clip_ids` are the prompt's 77 CLIP ids (with BOS/EOS/padding; pass CLIP-L's, whose padding is
-    EOS, so padding can never match); the phrase ids are "bare": the phrase tokenized alone with BOS and EOS
-    (CLIP) or the final `</s>` (T5) removed. The CLIP search starts at position 1 (after BOS). Pass None for
-    the T5 ids when the model runs without T5 (the T5 part is zeros then and carries no phrase).
+    `prompt_clip_ids` are the prompt's CLIP ids as the encoders get them: BOS/EOS/padding included, padded to
+    the CLIP length (77 in every released model), whose value becomes the match's `clip_length`, where the T5
+    part starts. Pass CLIP-L's ids, whose padding is EOS, so padding can never match. The phrase ids are
+    "bare": the phrase tokenized alone with BOS and EOS (CLIP) or the final `</s>` (T5) removed. The CLIP
+    search starts at position 1 (after BOS). Pass None for the T5 ids when the model runs without T5 (the T5
+    part is zeros then and carries no phrase).
     An empty phrase (no ids in either part) gives empty ranges. A phrase found in neither part is a
     `LayoutError` showing the prompt tokens around the best partial match in each part; `describe_*` turn
     ids into readable token strings for that message (`name` is how the message names the region).
     """
     clip_ids, t5_ids = list(phrase_clip_ids), list(phrase_t5_ids or [])
+    length = len(prompt_clip_ids)
     if not clip_ids and not t5_ids:
-        return NO_MATCH
+        return PhraseMatch(clip=range(0), t5=range(0), clip_length=length)
     j = find_subsequence(prompt_clip_ids, clip_ids, start=1)
     clip = range(j, j + len(clip_ids)) if j is not None else range(0)
     j5 = find_subsequence(prompt_t5_ids, t5_ids) if prompt_t5_ids is not None else None
@@ -143,7 +148,7 @@ def match_phrase(
             f"{name}: the phrase is not in the prompt's tokens. Each phrase must occur word for word in the prompt "
             "(same spelling and punctuation, whole words: 'rose' does not match inside 'roses'); edit the phrase "
             "or the prompt.\n" + "\n".join(parts))
-    return PhraseMatch(clip=clip, t5=t5)
+    return PhraseMatch(clip=clip, t5=t5, clip_length=length)
 
 
 def _near_miss(part: str, prompt: Sequence[int], phrase: list[int], start: int,
@@ -184,7 +189,8 @@ def text_classes(matches: Sequence[PhraseMatch], n_txt: int, names: Sequence[str
             if other >= 0:
                 a = region_name(other, names[other]) if names is not None else f"regions[{other}]"
                 b = region_name(n, names[n]) if names is not None else f"regions[{n}]"
-                where = f"CLIP position {p}" if p < CLIP_TOKENS else f"T5 position {p - CLIP_TOKENS}"
+                start = match.clip_length
+                where = f"CLIP position {p}" if p < start else f"T5 position {p - start}"
                 raise LayoutError(f"{a} and {b} bind to the same prompt tokens ({where}); every phrase must have "
                                   "its own words in the prompt, so make the phrases differ")
             classes[p] = n

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mmdit.clip import CLIPConfig
+from mmdit.conditioning import CLIP_TOKENS
 from mmdit.errors import MissingInputError
 from mmdit.model import MMDiTConfig
 from mmdit.t5 import T5Config
@@ -40,10 +41,22 @@ TRANSFORMER = MMDiTConfig(
     qk_norm=True, dual_attention_layers=(0, 1, 2),
 )
 VAE_CONFIG = VAEConfig(base_channels=32, channel_multipliers=(1, 2, 2, 2), num_res_blocks=1, norm_groups=32)
-CLIP_L = CLIPConfig(vocab_size=CLIP_VOCAB_SIZE, width=64, num_layers=3, num_heads=1, mlp_width=256,
-                    max_positions=77, projection_dim=64, activation="quick_gelu")
-CLIP_G = CLIPConfig(vocab_size=CLIP_VOCAB_SIZE, width=128, num_layers=3, num_heads=2, mlp_width=512,
-                    max_positions=77, projection_dim=128, activation="gelu")
+
+
+def clip_configs(max_positions: int = CLIP_TOKENS) -> tuple[CLIPConfig, CLIPConfig]:
+    """CLIP-L's and CLIP-G's configs with `max_positions` positions: 77 in the shipped model, as released.
+
+    The world's captions take at most about 14 CLIP tokens, so a retrain may use fewer positions (with
+    tokenizers of that model_max_length, `write_builtin_tokenizers(root, clip_length)`): the MM-DiT then
+    attends over that many CLIP tokens instead of 77.
+    """
+    clip_l = CLIPConfig(vocab_size=CLIP_VOCAB_SIZE, width=64, num_layers=3, num_heads=1, mlp_width=256,
+                        max_positions=max_positions, projection_dim=64, activation="quick_gelu")
+    clip_g = CLIPConfig(vocab_size=CLIP_VOCAB_SIZE, width=128, num_layers=3, num_heads=2, mlp_width=512,
+                        max_positions=max_positions, projection_dim=128, activation="gelu")
+    return clip_l, clip_g
+
+
 T5 = T5Config(vocab_size=T5_VOCAB_SIZE, d_model=T5_WIDTH, d_ff=512, num_layers=2, num_heads=4, d_kv=64, num_buckets=32)
 
 # Tuned on the trained model (README, "The built-in model"); 16 T5 tokens hold the longest caption of its world.

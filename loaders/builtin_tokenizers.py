@@ -37,6 +37,7 @@ from tokenizers import Tokenizer, trainers
 from tokenizers.models import BPE
 
 from loaders.tokenizers import clip_normalizer, clip_pre_tokenizer
+from mmdit.conditioning import CLIP_TOKENS
 
 CLIP_MERGES = 486  # 512 byte symbols + 486 merges + 2 specials = 1000 tokens
 CLIP_VOCAB_SIZE = 512 + CLIP_MERGES + 2
@@ -210,8 +211,12 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_clip_tokenizer(folder: Path, pad_token: str, vocab: dict[str, int], merges: list[str]) -> None:
-    """Write one CLIP tokenizer folder in the official layout (vocab.json, merges.txt, two json configs)."""
+def write_clip_tokenizer(folder: Path, pad_token: str, vocab: dict[str, int], merges: list[str],
+                         model_max_length: int = CLIP_TOKENS) -> None:
+    """Write one CLIP tokenizer folder in the official layout (vocab.json, merges.txt, two json configs).
+
+    `model_max_length` is the CLIP length the pipeline pads to (`loaders.text.clip_length`); 77 as released.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "vocab.json", vocab)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
@@ -219,7 +224,7 @@ def write_clip_tokenizer(folder: Path, pad_token: str, vocab: dict[str, int], me
     _write_json(folder / "special_tokens_map.json", specials)
     _write_json(
         folder / "tokenizer_config.json",
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **specials},
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True, **specials},
     )
 
 
@@ -235,10 +240,15 @@ def write_t5_tokenizer(folder: Path, spiece: bytes) -> None:
     )
 
 
-def write_builtin_tokenizers(root: Path) -> None:
-    """Write ``tokenizer/`` (CLIP-L), ``tokenizer_2/`` (CLIP-G, pad "!") and ``tokenizer_3/`` (T5) under `root`."""
+def write_builtin_tokenizers(root: Path, clip_length: int = CLIP_TOKENS) -> None:
+    """Write ``tokenizer/`` (CLIP-L), ``tokenizer_2/`` (CLIP-G, pad "!") and ``tokenizer_3/`` (T5) under `root`.
+
+    `clip_length`: both CLIP tokenizers' model_max_length, the CLIP part of the joint text sequence. The shipped
+    built-in model uses 77, as every released model; its world's captions need far fewer, so a retrain may
+    pass a smaller one (with CLIP encoders of that many positions, `loaders.builtin.clip_configs`).
+    """
     root = Path(root)
     vocab, merges = train_clip_bpe()
-    write_clip_tokenizer(root / "tokenizer", EOS, vocab, merges)
-    write_clip_tokenizer(root / "tokenizer_2", "!", vocab, merges)
+    write_clip_tokenizer(root / "tokenizer", EOS, vocab, merges, clip_length)
+    write_clip_tokenizer(root / "tokenizer_2", "!", vocab, merges, clip_length)
     write_t5_tokenizer(root / "tokenizer_3", train_t5_unigram())

@@ -20,10 +20,8 @@ from dense.layout import region_name
 from mmdit.conditioning import Conditioning
 from samplers import sigmas
 
-from .text import EncodedPrompts, TextFiles
+from .text import EncodedPrompts, TextFiles, clip_length
 from .tokenizers import ClipTokenizer, T5Tokenizer
-
-CLIP_TOKENS = 77
 
 
 @dataclass(frozen=True)
@@ -43,16 +41,21 @@ class LayoutMatch:
 
 def match_layout(layout: Layout, prompt: str, files: TextFiles, *, height: int, width: int,
                  max_sequence_length: int, keep: dict | None = None) -> LayoutMatch:
-    """`keep`: the caller's cache of loaded tokenizers (as `loaders.text.encode_texts` fills it), if any."""
+    """`keep`: the caller's cache of loaded tokenizers (as `loaders.text.encode_texts` fills it), if any.
+
+    The prompt's CLIP ids are padded to the CLIP length the encoders will use (`loaders.text.clip_length`, 77 in
+    every released model); the matches carry it, so the T5 positions start where the encoded prompt's T5 part does.
+    """
     phrases = [r.phrase for r in layout.regions]
     regions = assign_tokens(region_masks(layout, height, width), phrases)
     keep = keep if keep is not None else {}
-    # CLIP-G shares the BPE; CLIP-L pads with EOS
+    # CLIP-G shares the BPE; CLIP-L pads with EOS. CLIP-G's tokenizer is read for its length only.
     clip = keep.get("tokenizer") or ClipTokenizer.from_folder(files.tokenizer)
+    clip_g = keep.get("tokenizer_2") or ClipTokenizer.from_folder(files.tokenizer_2)
     t5 = None
     if files.tokenizer_3 is not None:
         t5 = keep.get("tokenizer_3") or T5Tokenizer.from_folder(files.tokenizer_3)
-    prompt_clip = clip.encode([prompt], CLIP_TOKENS).ids[0].tolist()
+    prompt_clip = clip.encode([prompt], clip_length(files, clip, clip_g)).ids[0].tolist()
     prompt_t5 = t5.encode([prompt], max_sequence_length).ids[0].tolist() if t5 is not None else None
     matches = [
         match_phrase(
@@ -84,6 +87,12 @@ def plan_layout(
     (docs/densediffusion.md §9). Strength 0 with maps records through the explicit attention without modulating.
     """
     positive = encoded.positive
+    # The text length as encoded: the CLIP length (77 in every released model) + the T5 length. The matches were
+    # made on the same tokenizers, so their T5 parts start at the same CLIP length.
+    n_txt = positive.context.shape[1]
+    if any(m.clip_length + max_sequence_length != n_txt for m in match.matches):
+        raise ValueError(f"the phrase matches' CLIP lengths {sorted({m.clip_length for m in match.matches})} + "
+                         f"{max_sequence_length} T5 tokens do not make the prompt's {n_txt} text tokens")
     if strength > 0 and encoded.phrases is not None:
         rows = iter(range(len(match.texts_to_encode)))
         e = encoded.phrases
@@ -99,7 +108,7 @@ def plan_layout(
     if strength == 0 and not record_maps:
         return positive, None
     plan = DensePlan.build(
-        match.regions, match.matches, match.phrases, n_txt=CLIP_TOKENS + max_sequence_length,
+        match.regions, match.matches, match.phrases, n_txt=n_txt,
         sigmas=sigmas(steps, shift).tolist(), num_steps=steps, shift=shift,
         config=PRESETS[preset] if isinstance(preset, str) else preset,
         strength=strength, record_maps=record_maps, device=device,

@@ -15,14 +15,14 @@ import torch
 from torch import Tensor
 
 from mmdit.clip import CLIPOutput
-from mmdit.conditioning import Conditioning, assemble, repeat_for_images
+from mmdit.conditioning import CLIP_TOKENS, Conditioning, assemble, repeat_for_images
 from mmdit.errors import InputError, MissingInputError
 
 from .memory import MemoryLog, measure, release_memory
 from .lora import LoRAFile, merge_loras
 from .safetensors import read_shapes
 from .text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
-from .tokenizers import ClipTokenizer, T5Tokenizer
+from .tokenizers import ClipTokenizer, T5Tokenizer, TokenizerError
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 NEGATIVE_KEYS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -127,6 +127,32 @@ def find_text_files(model: Path, *, use_t5: bool = True, tokenizers: Path | None
     return TextFiles(clip_l, clip_g, t5, root / "tokenizer", root / "tokenizer_2", root / "tokenizer_3" if use_t5 else None)
 
 
+def clip_length(files: TextFiles, clip_l: ClipTokenizer, clip_g: ClipTokenizer) -> int:
+    """How many CLIP tokens the joint text sequence holds: the CLIP tokenizers' `model_max_length`.
+
+    diffusers' `StableDiffusion3Pipeline` sets `tokenizer_max_length = tokenizer.model_max_length` and pads and
+    truncates both CLIP prompts to it (`_get_clip_prompt_embeds`); every released model says 77. A tokenizer
+    config that gives no length (or transformers' "unlimited" 1e30, which `ClipTokenizer` reads as None) counts
+    as 77, the length diffusers falls back to. CLIP-L and CLIP-G must agree: their outputs are joined position
+    by position. (diffusers pads both to CLIP-L's length and never reads CLIP-G's; two lengths in one model's
+    files are a mistake in them, so here they are an error rather than one of them being ignored.)
+    """
+    lengths = [t.model_max_length if t.model_max_length is not None else CLIP_TOKENS for t in (clip_l, clip_g)]
+    if lengths[0] != lengths[1]:
+        raise TokenizerError(
+            f"the CLIP tokenizers disagree on the CLIP length: model_max_length {lengths[0]} in "
+            f"{files.tokenizer / 'tokenizer_config.json'}, {lengths[1]} in "
+            f"{files.tokenizer_2 / 'tokenizer_config.json'}; both CLIPs must be padded to the same length, so fix "
+            "one of the two files (every released model says 77)"
+        )
+    if lengths[0] < clip_l.num_special_tokens:
+        raise TokenizerError(
+            f"model_max_length {lengths[0]} in {files.tokenizer / 'tokenizer_config.json'} leaves no room for "
+            f"CLIP's {clip_l.num_special_tokens} special tokens (start and end of text); every released model says 77"
+        )
+    return lengths[0]
+
+
 @dataclass(frozen=True)
 class Encoded:
     """Each encoder's output for one group of texts (rows in the group's order)."""
@@ -140,7 +166,7 @@ class Encoded:
 class PromptTokens:
     """Token ids of the positive prompt, for DenseDiffusion's phrase matching, with the tokenizers that made them."""
 
-    clip: list[int]  # 77 CLIP-L ids (CLIP-G shares the BPE; only its pad differs)
+    clip: list[int]  # the CLIP length's CLIP-L ids (CLIP-G shares the BPE; only its pad differs)
     t5: list[int] | None
     clip_tokenizer: ClipTokenizer
     t5_tokenizer: T5Tokenizer | None
@@ -172,6 +198,8 @@ def encode_texts(
     """Run every group of texts through CLIP-L, CLIP-G and T5, one encoder in memory at a time.
 
     Each group is one encoder call, as diffusers encodes the prompts and the negative prompts separately.
+    Both CLIPs run at `clip_length` (the tokenizers' model_max_length, 77 in every released model), T5 at
+    `max_sequence_length`.
     Returns the encodings per group, the truncation messages of group 0, and group 0's first prompt's ids.
     With `keep` (a dict owned by the caller) the tokenizers and encoders are loaded once, kept in it and
     reused by later calls, instead of being loaded and freed each time.
@@ -195,7 +223,8 @@ def encode_texts(
     tok_g = kept("tokenizer_2", lambda: ClipTokenizer.from_folder(files.tokenizer_2))
     tok_t5 = kept("tokenizer_3", lambda: T5Tokenizer.from_folder(files.tokenizer_3)) if files.t5 is not None else None
     first_ids: dict[str, list[int]] = {}
-    stages = [("CLIP-L", tok_l, 77, files.clip_l, "quick_gelu"), ("CLIP-G", tok_g, 77, files.clip_g, "gelu")]
+    clip = clip_length(files, tok_l, tok_g)
+    stages = [("CLIP-L", tok_l, clip, files.clip_l, "quick_gelu"), ("CLIP-G", tok_g, clip, files.clip_g, "gelu")]
     if files.t5 is not None:
         stages.append(("T5", tok_t5, max_sequence_length, files.t5, None))
     for name, tokenizer, length, where, activation in stages:
@@ -214,6 +243,12 @@ def encode_texts(
                 encoder = load_clip(where.path, prefix=where.prefix, activation=activation, dtype=dtype, device=device)
                 if loras:
                     merge_loras(encoder, loras, "clip_l" if name == "CLIP-L" else "clip_g")
+            if activation is not None and length > encoder.cfg.max_positions:
+                raise InputError(
+                    f"the CLIP tokenizers pad to {length} tokens (model_max_length in {files.tokenizer}), but "
+                    f"{name} in {where.path} has only {encoder.cfg.max_positions} positions; use the tokenizers "
+                    "that came with these encoders"
+                )
             stage.weights(encoder)
             with torch.inference_mode():
                 outputs[name] = [encoder(t.ids.to(runs_on)) for t in tokens]

@@ -25,7 +25,7 @@ Behaviour worth knowing (all reproduced on purpose):
 * CLIP lower-cases, collapses whitespace runs to one space, and never uses ftfy/html clean-up (transformers 5).
 * T5 applies SentencePiece's NFKC-style character map (``"ﬁ"`` -> ``"fi"``, full-width -> ASCII), splits on
   whitespace and prepends ``"▁"`` to every word, also to text that follows an added token.
-* Truncation keeps room for the special tokens (CLIP: 75 content tokens + BOS + EOS in 77; T5: ``</s>`` is
+* Truncation keeps room for the special tokens (CLIP: 75 content tokens + BOS + EOS in SD3's 77; T5: ``</s>`` is
   always the last real token); padding is on the right with the tokenizer's own pad id.
 
 The library never prints: `Tokens.truncated` returns, per prompt, the part of the text that was cut off.

@@ -5,7 +5,8 @@ takes out of it (docs/numerics.md §7; Stability's `SDClipModel` / `SDXLClipG` i
 et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision", §2.4 describes the text
 tower.
 
-A GPT-2 style stack of pre-LayerNorm blocks with a *causal* mask, run on 77 token ids:
+A GPT-2 style stack of pre-LayerNorm blocks with a *causal* mask, run on the CLIP length's token ids (T, the
+tokenizers' model_max_length: 77 in every released model):
 
     h0 = token_embedding[ids] + position_embedding[0..T-1]
     h  = h + out_proj(attn(LN1(h)))      # causal: token t sees tokens 0..t
@@ -43,7 +44,7 @@ class CLIPConfig:
     num_layers: int  # 12 / 32
     num_heads: int  # 12 / 20: always width // 64 in released models
     mlp_width: int  # 3072 / 5120
-    max_positions: int  # 77
+    max_positions: int  # 77 in released models: the most token ids one call takes
     projection_dim: int  # P: 768 / 1280
     activation: str  # "quick_gelu" (CLIP-L) or "gelu" (CLIP-G); not visible in the weights
     # Which token is pooled. None: the position of the largest id (argmax), the rule transformers applies when
@@ -197,7 +198,8 @@ class CLIPTextModel(nn.Module):
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def forward(self, input_ids: Tensor, *, clip_skip: int = 0) -> CLIPOutput:
-        """Encode (B, T) token ids, T <= 77 (SD3 always pads to 77).
+        """Encode (B, T) token ids, T <= max_positions (SD3 pads to the tokenizers' model_max_length, 77
+        in released models).
 
         `clip_skip` = k takes the sequence k layers earlier than SD3's default, as diffusers'
         `clip_skip` does (`hidden_states[-(k + 2)]`); the pooled output always uses the full stack.

@@ -536,7 +536,7 @@ def check_text(setup: Setup, wanted: set[str], say: Callable[..., None]
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    from loaders.text import encode_texts
+    from loaders.text import clip_length, encode_texts
     from loaders.tokenizers import ClipTokenizer, T5Tokenizer
     from mmdit.conditioning import assemble
 
@@ -546,8 +546,9 @@ def check_text(setup: Setup, wanted: set[str], say: Callable[..., None]
     L = setup.max_sequence_length
     say("ours: CLIP-L, CLIP-G, T5 (one at a time)")
     ours, _, _ = encode_texts(files, groups, max_sequence_length=L, dtype=setup.dtype, device=setup.device)
-    our_tokenizers = {"clip-l": (ClipTokenizer.from_folder(files.tokenizer), 77),
-                      "clip-g": (ClipTokenizer.from_folder(files.tokenizer_2), 77),
+    tok_l, tok_g = ClipTokenizer.from_folder(files.tokenizer), ClipTokenizer.from_folder(files.tokenizer_2)
+    clip = clip_length(files, tok_l, tok_g)  # model_max_length, as diffusers' tokenizer_max_length (77)
+    our_tokenizers = {"clip-l": (tok_l, clip), "clip-g": (tok_g, clip),
                       "t5": (T5Tokenizer.from_folder(files.tokenizer_3), L)}
     hf_tokenizers = {"clip-l": CLIPTokenizer.from_pretrained(ref_files.tokenizer),
                      "clip-g": CLIPTokenizer.from_pretrained(ref_files.tokenizer_2),
@@ -618,11 +619,14 @@ def check_text(setup: Setup, wanted: set[str], say: Callable[..., None]
 
 
 def random_conditioning(setup: Setup) -> tuple[Conditioning, Conditioning | None]:
-    """Seeded stand-in prompt embeddings (the text rows were not run): 77 CLIP + L T5 tokens, N(0, 1)."""
-    from mmdit.conditioning import Conditioning
+    """Seeded stand-in prompt embeddings (the text rows were not run): 77 CLIP + L T5 tokens, N(0, 1).
+
+    77: the CLIP length of every released model (the tokenizers are not read for a stand-in).
+    """
+    from mmdit.conditioning import CLIP_TOKENS, Conditioning
 
     g = torch.Generator().manual_seed(setup.settings.seed + 1)
-    tokens, cfg = 77 + setup.max_sequence_length, setup.config
+    tokens, cfg = CLIP_TOKENS + setup.max_sequence_length, setup.config
 
     def draw() -> Conditioning:
         return Conditioning(torch.randn(1, tokens, cfg.context_dim, generator=g).to(setup.device, setup.dtype),

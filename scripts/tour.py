@@ -247,7 +247,8 @@ def text_stages(tour: Tour, pipe: Pipeline, prompt: str, negative: str | None, l
     tok_l, tok_t5 = encoded.tokens.clip_tokenizer, encoded.tokens.t5_tokenizer
     tok_g = ClipTokenizer.from_folder(files.tokenizer_2)
     clip_ids, t5_ids = encoded.tokens.clip, encoded.tokens.t5
-    g_ids = tok_g.encode([prompt], 77).ids[0].tolist()
+    n_clip = len(clip_ids)  # the CLIP length the pipeline padded to (the tokenizers' model_max_length, 77)
+    g_ids = tok_g.encode([prompt], n_clip).ids[0].tolist()
 
     # 1. Tokenization
     eot = clip_ids.index(max(clip_ids))  # argmax = the first end-of-text token: where CLIP pools
@@ -260,7 +261,7 @@ def text_stages(tour: Tour, pipe: Pipeline, prompt: str, negative: str | None, l
         (where(tok_l.encode), where(ClipTokenizer.from_folder), where(T5Tokenizer.from_folder)),
         tuple(TensorInfo.of(name, torch.tensor([ids])) for name, ids in
               (("CLIP-L ids", clip_ids), ("CLIP-G ids", g_ids), ("T5 ids", t5_ids))),
-        (f"The prompt becomes {eot + 1} CLIP tokens (start and end-of-text included), padded to 77; CLIP-L pads "
+        (f"The prompt becomes {eot + 1} CLIP tokens (start and end-of-text included), padded to {n_clip}; CLIP-L pads "
          f"with id {tok_l.pad_id}, CLIP-G with id {tok_g.pad_id}, so the two id rows differ at {len(differs)} "
          f"padding positions and agree on the words.",
          f"T5 (SentencePiece, ▁ marks the start of a word) gives {words_t5} tokens ending in `</s>` (id "
@@ -303,10 +304,10 @@ def text_stages(tour: Tour, pipe: Pipeline, prompt: str, negative: str | None, l
                     TensorInfo.of("negative pooled", negative_c.pooled)]
     tour.stages.append(Stage(
         "conditioning", "Context and pooled vector", (where(assemble), where(repeat_for_images)), tuple(tensors),
-        (f"Tokens 0-76 of the context are CLIP: channels 0-{wl - 1} CLIP-L, {wl}-{wl + wg - 1} CLIP-G"
+        (f"Tokens 0-{n_clip - 1} of the context are CLIP: channels 0-{wl - 1} CLIP-L, {wl}-{wl + wg - 1} CLIP-G"
          + (f", {zeros} zero channels up to {config.context_dim}" if zeros else "")
          + (f", cropped to {config.context_dim}" if wl + wg > config.context_dim else "")
-         + f"; tokens 77-{76 + length} "
+         + f"; tokens {n_clip}-{n_clip - 1 + length} "
          f"are T5. pooled = CLIP-L pooled ‖ CLIP-G pooled ({wl} + {wg} = {positive.pooled.shape[-1]}).",),
         summary=("context", "pooled"),
     ))
@@ -457,18 +458,19 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
     recomputed = (probs[:, None] @ v[0].float()).squeeze(1)  # (H, Dh)
     check = (recomputed - out[0, :, qi].float()).abs().max().item()
     mean = probs.mean(0).cpu().numpy()  # over heads
-    img, clip_part, t5_part = mean[:n_img], mean[n_img:n_img + 77], mean[n_img + 77:]
+    n_clip = len(text.tokens.clip)  # the CLIP part of the text tokens (77 in every released model)
+    img, clip_part, t5_part = mean[:n_img], mean[n_img:n_img + n_clip], mean[n_img + n_clip:]
     top = np.argsort(-mean)[:8]
     top_rows = []
     for j in top:
         if j < n_img:
             kind, what = "image", f"cell ({j // gw}, {j % gw})"
-        elif j < n_img + 77:
+        elif j < n_img + n_clip:
             token = text.tokens.clip_tokenizer.id_to_token(text.tokens.clip[j - n_img])
             kind, what = "CLIP", f"`{_md(token)}` (position {j - n_img})"
         else:
-            token = text.tokens.t5_tokenizer.id_to_token(text.tokens.t5[j - n_img - 77])
-            kind, what = "T5", f"`{_md(token)}` (position {j - n_img - 77})"
+            token = text.tokens.t5_tokenizer.id_to_token(text.tokens.t5[j - n_img - n_clip])
+            kind, what = "T5", f"`{_md(token)}` (position {j - n_img - n_clip})"
         top_rows.append((str(int(j)), kind, what, f"{mean[j]:.4f}"))
     picture = attention_picture(img.reshape(gh, gw), clip_part, t5_part, (gh // 2, gw // 2))
     tour.stages.append(Stage(

@@ -5,7 +5,9 @@ Four stages, each with the project's own modules, each resumable (run the same c
 
 1. text   the built-in tokenizers and text encoders (CLIP-L, CLIP-G, T5: random, seeded, frozen) are written,
           and every caption of the world (1,464 of them, plus "" for classifier-free guidance) is encoded once
-          through `loaders.text`, exactly as generation will encode it.
+          through `loaders.text`, exactly as generation will encode it. `--clip-length` sets the CLIP part of
+          the text sequence (the tokenizers' model_max_length and the CLIPs' positions): 77 as shipped, as in
+          every released model; the captions fit in 16, which makes the MM-DiT's text 16 + 16 tokens, not 77 + 16.
 2. vae    the 16-channel autoencoder (`mmdit.vae`) on random 64x64 crops of rendered scenes: L1 + L2
           reconstruction from the latent plus a noise of a tenth of its own spread (which the posterior's
           log-variance is trained to report, instead of a KL term), a penalty that keeps the latents as the
@@ -17,7 +19,8 @@ Four stages, each with the project's own modules, each resumable (run the same c
 4. dit    the MM-DiT (SD3.5-Medium form: dual attention, QK-norm, 64-wide heads) with SD3's rectified-flow
           objective (Esser et al. 2024, §2 and §3.1): x_t = (1 - t)·x0 + t·ε, target v = ε - x0, t drawn
           logit-normal(0, 1); captions dropped to "" 10% of the time (for CFG); AdamW with warm-up and cosine
-          decay; an exponential moving average of the weights is what gets shipped.
+          decay; an exponential moving average of the weights is what gets shipped. `--bf16` runs its forward
+          and backward under bfloat16 autocast; weights, optimiser state and the average stay float32.
 
 The result is written in the official Stability single-file layout (`loaders.builtin` documents it) into
 `--dest` (default: the repository's built-in model folder). Progress goes to `<work>/train.log`.
@@ -45,7 +48,8 @@ from scripts import shapes  # noqa: E402
 from loaders import builtin  # noqa: E402
 from loaders.builtin_tokenizers import write_builtin_tokenizers  # noqa: E402
 from loaders.text import EncoderFile, TextFiles, encode_prompts  # noqa: E402
-from mmdit.clip import CLIPTextModel  # noqa: E402
+from mmdit.clip import CLIPConfig, CLIPTextModel  # noqa: E402
+from mmdit.conditioning import CLIP_TOKENS  # noqa: E402
 from mmdit.init import randomize_  # noqa: E402
 from mmdit.model import MMDiT  # noqa: E402
 from mmdit.t5 import T5Encoder  # noqa: E402
@@ -68,7 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    return p.parse_args(argv)
+    p.add_argument("--clip-length", type=int, default=CLIP_TOKENS,
+                   help=f"CLIP tokens in the text sequence: the CLIP tokenizers' model_max_length and the CLIP "
+                        f"encoders' positions (default {CLIP_TOKENS}, as shipped; the captions fit in 16)")
+    p.add_argument("--bf16", action="store_true",
+                   help="MM-DiT forward and backward under bfloat16 autocast (weights, AdamW and EMA stay float32)")
+    args = p.parse_args(argv)
+    if args.clip_length < 2:
+        p.error("--clip-length must leave room for CLIP's start and end tokens (at least 2)")
+    return args
 
 
 class Log:
@@ -123,18 +135,32 @@ def state(module: nn.Module, prefix: str = "", dtype: torch.dtype = torch.float3
     return {prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
 
 
-def write_text_side(folder: Path, seed: int) -> None:
-    """tokenizer/, tokenizer_2/, tokenizer_3/ and text_encoders/ as Stability ships them."""
+def write_text_side(folder: Path, seed: int, clip_length: int = CLIP_TOKENS) -> None:
+    """tokenizer/, tokenizer_2/, tokenizer_3/ and text_encoders/ as Stability ships them, the CLIPs (tokenizers
+    and encoders) with `clip_length` positions.
+
+    The CLIPs are drawn with the shipped 77 positions (or more) and keep the first `clip_length`: every other
+    weight, T5's too, is the same for every length, and as CLIP is causal a caption that fits gets the same
+    features at its positions whatever the length; only the padding after it changes.
+    """
     g = torch.Generator().manual_seed(seed)
     encoders = folder / "text_encoders"
     encoders.mkdir(parents=True, exist_ok=True)
-    clip_l = state(frozen_random(CLIPTextModel(builtin.CLIP_L), g))
+    clip_l_config, clip_g_config = builtin.clip_configs(max(clip_length, CLIP_TOKENS))
+
+    def clip_state(config: CLIPConfig) -> dict[str, Tensor]:
+        weights = state(frozen_random(CLIPTextModel(config), g))
+        key = "text_model.embeddings.position_embedding.weight"
+        weights[key] = weights[key][:clip_length].contiguous()
+        return weights
+
+    clip_l = clip_state(clip_l_config)
     del clip_l["text_projection.weight"]  # as in Stability's clip_l.safetensors: SD3 uses CLIP-L unprojected
     save_file(clip_l, str(encoders / "clip_l.safetensors"))
-    save_file(state(frozen_random(CLIPTextModel(builtin.CLIP_G), g)), str(encoders / "clip_g.safetensors"))
+    save_file(clip_state(clip_g_config), str(encoders / "clip_g.safetensors"))
     t5 = state(frozen_random(T5Encoder(builtin.T5), g), dtype=torch.float16)
     save_file(t5, str(encoders / "t5xxl_fp16.safetensors"))
-    write_builtin_tokenizers(folder)
+    write_builtin_tokenizers(folder, clip_length)
 
 
 def all_captions() -> list[str]:
@@ -147,7 +173,9 @@ def all_captions() -> list[str]:
 
 
 def encode_captions(model_dir: Path, captions: list[str]) -> tuple[Tensor, Tensor]:
-    """(N, 77 + L_t5, context_dim) contexts and (N, pooled_dim) pooled vectors, as generation computes them."""
+    """(N, L_clip + L_t5, context_dim) contexts and (N, pooled_dim) pooled vectors, as generation computes them
+    (L_clip: the tokenizers' CLIP length). A caption that does not fit is an error: the model would learn a
+    cut caption."""
     enc = model_dir / "text_encoders"
     files = TextFiles(EncoderFile(enc / "clip_l.safetensors"), EncoderFile(enc / "clip_g.safetensors"),
                       EncoderFile(enc / "t5xxl_fp16.safetensors"), *(model_dir / f"tokenizer{s}" for s in ("", "_2", "_3")))
@@ -155,6 +183,9 @@ def encode_captions(model_dir: Path, captions: list[str]) -> tuple[Tensor, Tenso
     for i in range(0, len(captions), 256):
         e = encode_prompts(files, captions[i : i + 256], None, max_sequence_length=builtin.PRESET.max_sequence_length,
                            context_dim=builtin.TRANSFORMER.context_dim)
+        if e.truncated:
+            raise SystemExit("text: captions do not fit the text sequence (cut by CLIP: raise --clip-length):\n"
+                             + "\n".join(e.truncated))
         contexts.append(e.positive.context)
         pooled.append(e.positive.pooled)
     return torch.cat(contexts), torch.cat(pooled)
@@ -326,8 +357,11 @@ def train_dit(args: argparse.Namespace, log: Log, latents: Tensor, labels: Tenso
         t = torch.sigmoid(torch.randn(args.dit_batch, generator=g))  # logit-normal(0, 1), SD3 paper §3.1
         noise = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-        v = model(xt, t * 1000, contexts[caption], pooled[caption])
-        loss = F.mse_loss(v, noise - x0)
+        # Only the forward is under autocast (as PyTorch advises); the backward runs each op in the dtype its
+        # forward used. Disabled (the default), the context changes nothing.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            v = model(xt, t * 1000, contexts[caption], pooled[caption])
+            loss = F.mse_loss(v.float(), noise - x0)
         optimise_(opt, model, loss, cosine_lr(step, args.dit_steps, args.dit_lr))
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
@@ -361,13 +395,17 @@ def main(argv: list[str] | None = None) -> int:
     captions = all_captions() + [""]
     text_file = args.work / "text.pt"
     if not text_file.exists():
-        write_text_side(text_dir, args.seed)
+        write_text_side(text_dir, args.seed, args.clip_length)
         contexts, pooled = encode_captions(text_dir, captions)
         save_atomic({"contexts": contexts, "pooled": pooled, "captions": captions}, text_file)
         log(f"text: {len(captions)} captions encoded, context {tuple(contexts.shape)}")
     saved = torch.load(text_file, weights_only=False)
     contexts, pooled = saved["contexts"], saved["pooled"]
     assert saved["captions"] == captions
+    clip_part = contexts.shape[1] - builtin.PRESET.max_sequence_length
+    if clip_part != args.clip_length:  # a --work folder from a run with another length: resuming would mix them
+        raise SystemExit(f"{text_file} holds captions encoded with {clip_part} CLIP tokens, not --clip-length "
+                         f"{args.clip_length}; use a fresh --work folder (or that length)")
 
     # 2. the VAE
     vae_file = args.work / "vae_final.pt"

@@ -69,12 +69,13 @@ def write_single_file(path, transformer_sd: dict, vae_sd: dict, extra: dict | No
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
-def tiny_text_pipeline(root):
+def tiny_text_pipeline(root, clip_length: int = 77):
     """A tiny StableDiffusion3Pipeline with all three text encoders, saved in both official layouts.
 
     root/diffusers: `save_pretrained`. root/single: model.safetensors (MM-DiT + VAE), text_encoders/ and the
     tokenizer folders beside it, as Stability's SD3.5 repos ship them. Returns the in-memory pipeline.
     Tokenizers are the project's built-in ones (offline); the reference loads them with transformers.
+    `clip_length`: the CLIP tokenizers' model_max_length and the CLIP encoders' positions (77 as released).
     """
     import shutil
     from pathlib import Path
@@ -88,12 +89,12 @@ def tiny_text_pipeline(root):
 
     root = Path(root)
     toks = root / "tokenizers"
-    write_builtin_tokenizers(toks)
+    write_builtin_tokenizers(toks, clip_length)
 
     def clip(width, heads, act, seed):
         torch.manual_seed(seed)
         cfg = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width,
-                             num_hidden_layers=3, num_attention_heads=heads, max_position_embeddings=77,
+                             num_hidden_layers=3, num_attention_heads=heads, max_position_embeddings=clip_length,
                              hidden_act=act, projection_dim=width, bos_token_id=0, eos_token_id=2, pad_token_id=1)
         return randomize_(CLIPTextModelWithProjection(cfg), seed)
 
