@@ -7,7 +7,8 @@
 
 Per `--widths` one random diffusers transformer is built: SD3.5-Large's (D = 2432 = 38 heads x 64, RMS QK-norm)
 or SD3.5-Medium's (D = 1536 = 24 heads x 64, RMS QK-norm, the MMDiT-X dual attention in the first of the
-`--blocks` blocks, as in 13 of Medium's 24), `--blocks` deep, and its weights are mapped into our MMDiT through the production key map and loader, sharing
+`--blocks` blocks, as in 13 of Medium's 24), `--blocks` deep, and its weights are mapped into our MMDiT
+through the production key map and loader, sharing
 every tensor the map does not have to rebuild. Per dtype both models are cast, each engine runs once on the
 same inputs (that output is the correctness check: max |ours - diffusers| / max |diffusers|), warms up, then
 the two are timed in interleaved repetitions under `torch.inference_mode()`. The first call of each engine is
@@ -136,7 +137,8 @@ class Result:
     def to_json(self) -> dict:
         timing = lambda t: {"median": t.median, "min": t.min, "times": t.times}  # noqa: E731
         return {
-            "width": self.width, "case": self.case, "dtype": self.dtype, "first_call": list(self.first), "ours": timing(self.ours), "reference": timing(self.reference),
+            "width": self.width, "case": self.case, "dtype": self.dtype, "first_call": list(self.first),
+            "ours": timing(self.ours), "reference": timing(self.reference),
             "reference_name": self.reference_name, "ratio": self.ratio, "ratio_min": self.ratio_min,
             "paired_ratio": self.paired_ratio, "max_diff": self.max_diff, "others_load": self.others_load,
         }
@@ -623,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nOther processes used more than {BUSY:.0%} of the CPUs during some timed pairs: those times are "
               "inflated. Trust the paired ratio most, or run again with --wait-idle 120.")
     if args.json:
-        report = {"environment": env, "shapes": [asdict(s) for s in shapes], "repeats": args.repeats, "warmup": args.warmup,
+        report = {"environment": env, "shapes": [asdict(s) for s in shapes], "repeats": args.repeats,
+                  "warmup": args.warmup,
                   "wait_idle": args.wait_idle, "dense_preset": args.dense_preset,
                   "results": [r.to_json() for r in results],
                   "memory": {"shape": asdict(memory_shape), "calls": [asdict(m) for m in memory]} if memory else None}

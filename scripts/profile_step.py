@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where one MM-DiT step's time goes, ours and diffusers': `python scripts/profile_step.py`.
 
-The models and inputs of `scripts/bench.py` (SD3.5-Large width, or `--width medium`, `--blocks` 2, 512x512, batch 2; the same random
+The models and inputs of `scripts/bench.py` (SD3.5-Large width or `--width medium`, `--blocks` 2, 512x512,
+batch 2; the same random
 weights in both engines), one warm-up call each, then `--calls` calls under `torch.profiler` (CPU). Each operator's
 own time (not counting the operators it calls) goes to one of: GEMM (matrix products: addmm, mm, bmm, linear's
 kernels), attention (the fused scaled-dot-product kernels), copies (copy_, clone, cat, contiguous, layout changes)
