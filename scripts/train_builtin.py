@@ -6,8 +6,8 @@ Four stages, each with the project's own modules, each resumable (run the same c
 1. text   the built-in tokenizers and text encoders (CLIP-L, CLIP-G, T5: random, seeded, frozen) are written,
           and every caption of the world (1,464 of them, plus "" for classifier-free guidance) is encoded once
           through `loaders.text`, exactly as generation will encode it. `--clip-length` sets the CLIP part of
-          the text sequence (the tokenizers' model_max_length and the CLIPs' positions): 77 as shipped, as in
-          every released model; the captions fit in 16, which makes the MM-DiT's text 16 + 16 tokens, not 77 + 16.
+          the text sequence (the tokenizers' model_max_length and the CLIPs' positions): 16 as shipped (every
+          caption of the world fits), which makes the MM-DiT's text 16 + 16 tokens; released models use 77.
 2. vae    the 16-channel autoencoder (`mmdit.vae`) on random 64x64 crops of rendered scenes: L1 + L2
           reconstruction from the latent plus a noise of a tenth of its own spread (which the posterior's
           log-variance is trained to report, instead of a KL term), a penalty that keeps the latents as the
@@ -65,17 +65,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-crop", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--scenes", type=int, default=12000, help="scenes encoded once for the MM-DiT")
-    p.add_argument("--dit-steps", type=int, default=7600)
+    p.add_argument("--scenes", type=int, default=16000, help="scenes encoded once for the MM-DiT")
+    p.add_argument("--dit-steps", type=int, default=11000)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--clip-length", type=int, default=CLIP_TOKENS,
+    p.add_argument("--clip-length", type=int, default=16,
                    help=f"CLIP tokens in the text sequence: the CLIP tokenizers' model_max_length and the CLIP "
-                        f"encoders' positions (default {CLIP_TOKENS}, as shipped; the captions fit in 16)")
-    p.add_argument("--bf16", action="store_true",
+                        f"encoders' positions (default 16, as shipped: the captions fit; released models use "
+                        f"{CLIP_TOKENS})")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="MM-DiT forward and backward under bfloat16 autocast (weights, AdamW and EMA stay float32)")
     args = p.parse_args(argv)
     if args.clip_length < 2:
