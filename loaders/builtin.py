@@ -44,11 +44,11 @@ VAE_CONFIG = VAEConfig(base_channels=32, channel_multipliers=(1, 2, 2, 2), num_r
 
 
 def clip_configs(max_positions: int = CLIP_TOKENS) -> tuple[CLIPConfig, CLIPConfig]:
-    """CLIP-L's and CLIP-G's configs with `max_positions` positions: 77 in the shipped model, as released.
+    """CLIP-L's and CLIP-G's configs with `max_positions` positions (77 by default, as released).
 
-    The world's captions take at most about 14 CLIP tokens, so a retrain may use fewer positions (with
-    tokenizers of that model_max_length, `write_builtin_tokenizers(root, clip_length)`): the MM-DiT then
-    attends over that many CLIP tokens instead of 77.
+    The training script draws the CLIPs at 77 positions and keeps the first `--clip-length` (16 in the shipped
+    model, whose tokenizers say that model_max_length: `write_builtin_tokenizers(root, clip_length)`); the world's
+    captions take at most 13 CLIP tokens, so the MM-DiT attends over 16 CLIP tokens instead of 77.
     """
     clip_l = CLIPConfig(vocab_size=CLIP_VOCAB_SIZE, width=64, num_layers=3, num_heads=1, mlp_width=256,
                         max_positions=max_positions, projection_dim=64, activation="quick_gelu")

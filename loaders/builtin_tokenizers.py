@@ -243,9 +243,9 @@ def write_t5_tokenizer(folder: Path, spiece: bytes) -> None:
 def write_builtin_tokenizers(root: Path, clip_length: int = CLIP_TOKENS) -> None:
     """Write ``tokenizer/`` (CLIP-L), ``tokenizer_2/`` (CLIP-G, pad "!") and ``tokenizer_3/`` (T5) under `root`.
 
-    `clip_length`: both CLIP tokenizers' model_max_length, the CLIP part of the joint text sequence. The shipped
-    built-in model uses 77, as every released model; its world's captions need far fewer, so a retrain may
-    pass a smaller one (with CLIP encoders of that many positions, `loaders.builtin.clip_configs`).
+    `clip_length`: both CLIP tokenizers' model_max_length, the CLIP part of the joint text sequence. 77 by
+    default, as every released model; the shipped built-in model uses 16, which its world's captions fit (with
+    CLIP encoders of that many positions, `scripts/train_builtin.py --clip-length`).
     """
     root = Path(root)
     vocab, merges = train_clip_bpe()

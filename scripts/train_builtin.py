@@ -140,7 +140,7 @@ def write_text_side(folder: Path, seed: int, clip_length: int = CLIP_TOKENS) -> 
     """tokenizer/, tokenizer_2/, tokenizer_3/ and text_encoders/ as Stability ships them, the CLIPs (tokenizers
     and encoders) with `clip_length` positions.
 
-    The CLIPs are drawn with the shipped 77 positions (or more) and keep the first `clip_length`: every other
+    The CLIPs are drawn with 77 positions, as released (or more), and keep the first `clip_length`: every other
     weight, T5's too, is the same for every length, and as CLIP is causal a caption that fits gets the same
     features at its positions whatever the length; only the padding after it changes.
     """
