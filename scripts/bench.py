@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from dense import DenseAttention, DensePlan  # noqa: E402
+from dense import PRESETS, DenseAttention, DensePlan  # noqa: E402
 from loaders.pipeline import DTYPES  # noqa: E402
 from mmdit.init import randomize_  # noqa: E402
 
@@ -241,7 +241,7 @@ def dense_plan(size: int, text_tokens: int, preset: str, chunk_size: int | None 
     """A DensePlan as `generate.py --layout` builds it, for three boxes, each phrase 2 CLIP tokens and (if the
     text is long enough to have a T5 part) 3 T5 tokens; `chunk_size` None keeps the library's default.
     Its step 0 has the largest λ of the schedule."""
-    from dense import PRESETS, DensePlan, PhraseMatch, assign_tokens, box_mask
+    from dense import PhraseMatch, assign_tokens, box_mask
     from samplers.schedule import sigmas
 
     phrases = [f"thing {n}" for n in range(len(BOXES))]
@@ -541,7 +541,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wait-idle", type=float, default=0, metavar="S",
                    help="before each timed pair wait up to S s for other processes to go idle, and redo pairs they "
                         "disturbed (default 0: time at once, keep every pair, report the disturbance)")
-    p.add_argument("--dense-preset", default="faithful", choices=["faithful", "joint", "hard", "none"],
+    p.add_argument("--dense-preset", default="faithful", choices=[*PRESETS, "none"],
                    help="also time a DenseDiffusion-modulated step against our plain one, with this preset "
                         "(default faithful; none: skip)")
     p.add_argument("--memory-size", type=int,

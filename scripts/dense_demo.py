@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image, ImageDraw  # noqa: E402
 
+from dense import PRESETS  # noqa: E402
 from loaders import Pipeline  # noqa: E402
 from loaders.layout import save_attention_maps  # noqa: E402
 from mmdit.errors import InputError  # noqa: E402
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("dense_demo"), help="folder for images, maps and the picture")
     p.add_argument("--size", type=int, help="pixels (default: the model's size, 128 for the built-in model)")
     p.add_argument("--strength", type=float, default=1.0)
-    p.add_argument("--preset", choices=["faithful", "joint", "hard"], default="faithful")
+    p.add_argument("--preset", choices=list(PRESETS), default="faithful")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:

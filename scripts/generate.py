@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dense import PRESETS  # noqa: E402
 from loaders.checkpoint import OFFLOAD  # noqa: E402
 from loaders.fp8 import WEIGHTS  # noqa: E402
 from loaders.lora import LoRA  # noqa: E402
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lay = p.add_argument_group("layout control (DenseDiffusion)")
     lay.add_argument("--layout", type=Path, help="layout JSON: a phrase per region (mask or box)")
     lay.add_argument("--dense-strength", type=float, default=1.0, help="modulation strength (0: off, maps still recorded)")
-    lay.add_argument("--dense-preset", choices=["faithful", "joint", "hard"], default="faithful")
+    lay.add_argument("--dense-preset", choices=list(PRESETS), default="faithful")
     lay.add_argument("--attention-maps", type=Path, help="write per-phrase attention maps and stats.json here")
     run = p.add_argument_group("run and output")
     run.add_argument("--dtype", choices=list(DTYPES), default="float32")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,17 @@ def test_step_lambdas_use_unshifted_sigma():
     assert lams[8 - 1] == pytest.approx(2.0 * (1 - 7 * 0.999 / 27) ** 5)
     assert len(step_lambdas(sigmas[:11], 10, shift=a)) == 3 and len(step_lambdas([1.0] * 50, 50, shift=a)) == 15
     assert step_lambdas([0.5] * 10, 10, shift=1.0, power=5.0, fraction=0.1) == (0.5 ** 5,)
+
+
+def test_linear_preset_is_faithful_with_a_linear_decay():
+    """`linear` changes nothing but the exponent of λ's decay: faithful's weights, and λ_k = u_k."""
+    assert replace(PRESETS["linear"], power=PRESETS["faithful"].power) == PRESETS["faithful"]
+    K, a = 20, 3.0
+    u = torch.linspace(1.0, 1 / 1000, K, dtype=torch.float64)
+    sigmas = (a * u / (1 + (a - 1) * u)).tolist() + [0.0]
+    lams = step_lambdas(sigmas, K, shift=a, power=PRESETS["linear"].power)
+    assert lams == pytest.approx([float(x) for x in u[:6]], rel=1e-9)
+    assert all(x > y for x, y in zip(lams[1:], step_lambdas(sigmas, K, shift=a)[1:]))  # more push after step 0
 
 
 def test_for_call_window_and_plain_path():

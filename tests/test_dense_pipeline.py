@@ -75,7 +75,7 @@ def test_in_region_fraction_rises_with_strength(builtin, tmp_path):
     assert min(fractions["1"]) > 3 * 0.14, fractions
 
 
-@pytest.mark.parametrize("preset", ["joint", "hard"])
+@pytest.mark.parametrize("preset", ["linear", "joint", "hard"])
 def test_presets_run_and_differ(builtin, tmp_path, preset):
     root, layout = builtin
     faithful, _ = run(root, tmp_path, "f", "--layout", str(layout))
