@@ -20,9 +20,9 @@ with an unnamed object, and the shares of named objects and of their colours fou
 * time: seconds per image, and relative to no layout.
 Methods: no layout; DenseDiffusion `faithful`, `linear` (faithful with λ decaying linearly, power 1 instead of
 5), `joint`, `hard`; `faithful` at strengths 0, 0.5, 1, 2, 4; ablations of `faithful` (image->image only,
-image->text only, schedule fraction 0.5, power 2); and a baseline
-that never touches the attention: for the same first steps the positive velocity is blended per region from
-each phrase's own prediction (a latent-space regional prompt).
+image->text only, schedule fraction 0.5, power 2); and a baseline that never touches the attention: for the
+same first steps the positive velocity is blended per region from each phrase's own prediction (a latent-space
+regional prompt).
 """
 
 from __future__ import annotations
