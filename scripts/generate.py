@@ -309,6 +309,8 @@ def run(args: argparse.Namespace, say) -> int:
     elapsed = time.perf_counter() - started
     if args.prompts is not None:
         _write_manifest(jobs, made, rank, world, args)
+    if world > 1:
+        _leave_process_group()
     if memory is not None:  # what was asked for, so on stdout and not silenced by --quiet
         print(memory_table(memory.stages))
     images = sum(len(m["images"]) for m in made)
@@ -326,6 +328,16 @@ def _distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before Python exits: a gloo group left to the interpreter's shutdown can abort
+    the process ("terminate called without an active exception", pytorch/pytorch#190489). The barrier lets no
+    rank leave while another still talks to it."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _write_manifest(jobs: list[Job], made: list[dict], rank: int, world: int, args: argparse.Namespace) -> None:

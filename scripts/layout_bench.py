@@ -227,6 +227,23 @@ def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print
     return results
 
 
+def binding(image: np.ndarray, text: str) -> list[str]:
+    """For a caption of two objects of different shapes: per named object, the shape of the largest object of its
+    colour — "own", "other" (the other named object's shape: colour and shape bound wrongly), "third" (the shape
+    nobody named) or "missing" (no object of that colour). A model that draws the named shapes but binds them
+    at random gives as many "other" as "own". Empty for any other caption."""
+    kinds = shapes.named_kinds(text)
+    if len(kinds) != 2 or kinds[0][1] == kinds[1][1]:
+        return []
+    detections = shapes.detect(image)
+    out = []
+    for (colour, shape), (_, other) in zip(kinds, kinds[::-1]):
+        found = next((d for d in detections if d.colour == colour), None)
+        out.append("missing" if found is None else "own" if found.shape == shape else
+                   "other" if found.shape == other else "third")
+    return out
+
+
 def run_quality(pipe: Pipeline, count: int, seed: int, say=print) -> dict:
     """Captions of random scenes (1-3 objects), generated from the caption alone, one seed each."""
     rng = random.Random(seed)
@@ -236,17 +253,21 @@ def run_quality(pipe: Pipeline, count: int, seed: int, say=print) -> dict:
         image = np.asarray(pipe(text, seed=10_000 + i).images[0])
         j, found = shapes.judge(image, text), {d.colour for d in shapes.detect(image)}
         rows.append({"caption": text, "all_present": j.all_present, "unnamed": j.unnamed, "present": j.present,
-                     "colour_present": [c in found for c, _ in shapes.named_kinds(text)]})
+                     "colour_present": [c in found for c, _ in shapes.named_kinds(text)],
+                     "binding": binding(image, text)})
         images.append(image)
     share = lambda key: float(np.mean([x for r in rows for x in r[key]]))  # noqa: E731
     out = {"images": count, "all_present": float(np.mean([r["all_present"] for r in rows])),
            "unnamed": float(np.mean([r["unnamed"] > 0 for r in rows])),
            "objects_present": share("present"), "colours_present": share("colour_present"),
            "by_objects": {n: float(np.mean([r["all_present"] for r in rows if len(shapes.named_kinds(r["caption"])) == n]))
-                          for n in (1, 2, 3)}, "rows": rows, "images_": images}
+                          for n in (1, 2, 3)},
+           "binding": {k: sum(b == k for r in rows for b in r["binding"]) for k in ("own", "other", "third", "missing")},
+           "rows": rows, "images_": images}
     say(f"quality on {count} captions: every named object present {out['all_present']:.3f}, "
         f"images with an unnamed object {out['unnamed']:.3f}, by object count {out['by_objects']}; "
-        f"named objects present {out['objects_present']:.3f}, their colours present {out['colours_present']:.3f}")
+        f"named objects present {out['objects_present']:.3f}, their colours present {out['colours_present']:.3f}; "
+        f"two objects of different shapes, the shape drawn in each named colour: {out['binding']}")
     return out
 
 

@@ -3,11 +3,13 @@
 
 Four stages, each with the project's own modules, each resumable (run the same command again after a stop):
 
-1. text   the built-in tokenizers and text encoders (CLIP-L, CLIP-G, T5: random, seeded, frozen) are written,
-          and every caption of the world (1,464 of them, plus "" for classifier-free guidance) is encoded once
-          through `loaders.text`, exactly as generation will encode it. `--clip-length` sets the CLIP part of
-          the text sequence (the tokenizers' model_max_length and the CLIPs' positions): 16 as shipped (every
-          caption of the world fits), which makes the MM-DiT's text 16 + 16 tokens; released models use 77.
+1. text   the built-in tokenizers and text encoders (CLIP-L, CLIP-G, T5: random, seeded) are written, and every
+          caption of the world (1,464 of them, plus "" for classifier-free guidance) is encoded once through
+          `loaders.text`, exactly as generation will encode it (the features the MM-DiT trains on with
+          `--no-train-text`; by default the encoders start from these weights and train with it, stage 4).
+          `--clip-length` sets the CLIP part of the text sequence (the tokenizers' model_max_length and the
+          CLIPs' positions): 16 as shipped (every caption of the world fits), which makes the MM-DiT's text
+          16 + 16 tokens; released models use 77.
 2. vae    the 16-channel autoencoder (`mmdit.vae`) on random 64x64 crops of rendered scenes: L1 + L2
           reconstruction from the latent plus a noise of a tenth of its own spread (which the posterior's
           log-variance is trained to report, instead of a KL term), a penalty that keeps the latents as the
@@ -21,6 +23,8 @@ Four stages, each with the project's own modules, each resumable (run the same c
           logit-normal(0, 1); captions dropped to "" 10% of the time (for CFG); AdamW with warm-up and cosine
           decay; an exponential moving average of the weights is what gets shipped. `--bf16` runs its forward
           and backward under bfloat16 autocast; weights, optimiser state and the average stay float32.
+          `--train-text` (the default) trains the three text encoders with it, end to end, on the same loss
+          (`TextTower` says why); they are exported in place of the random ones.
 
 The result is written in the official Stability single-file layout (`loaders.builtin` documents it) into
 `--dest` (default: the repository's built-in model folder). Progress goes to `<work>/train.log`.
@@ -48,8 +52,10 @@ from scripts import shapes  # noqa: E402
 from loaders import builtin  # noqa: E402
 from loaders.builtin_tokenizers import write_builtin_tokenizers  # noqa: E402
 from loaders.text import EncoderFile, TextFiles, encode_prompts  # noqa: E402
+from loaders.text_encoder_keys import load_clip, load_t5  # noqa: E402
+from loaders.tokenizers import ClipTokenizer, T5Tokenizer  # noqa: E402
 from mmdit.clip import CLIPConfig, CLIPTextModel  # noqa: E402
-from mmdit.conditioning import CLIP_TOKENS  # noqa: E402
+from mmdit.conditioning import CLIP_TOKENS, assemble  # noqa: E402
 from mmdit.init import randomize_  # noqa: E402
 from mmdit.model import MMDiT  # noqa: E402
 from mmdit.t5 import T5Encoder  # noqa: E402
@@ -66,7 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-crop", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--scenes", type=int, default=16000, help="scenes encoded once for the MM-DiT")
-    p.add_argument("--dit-steps", type=int, default=11000)
+    p.add_argument("--dit-steps", type=int, default=7900)
+    p.add_argument("--dit-stop-at", type=int, default=None, metavar="STEP",
+                   help="save the MM-DiT's checkpoint after this step and stop (resume with the same command "
+                        "without it); the learning-rate schedule still spans --dit-steps")
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=6e-4)
     p.add_argument("--ema", type=float, default=0.999)
@@ -76,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"CLIP tokens in the text sequence: the CLIP tokenizers' model_max_length and the CLIP "
                         f"encoders' positions (default 16, as shipped: the captions fit; released models use "
                         f"{CLIP_TOKENS})")
+    p.add_argument("--train-text", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the three text encoders with the MM-DiT, end to end (default; --no-train-text keeps "
+                        "them random and frozen, every caption encoded once)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="MM-DiT forward and backward under bfloat16 autocast (weights, AdamW and EMA stay float32)")
     args = p.parse_args(argv)
@@ -190,6 +202,41 @@ def encode_captions(model_dir: Path, captions: list[str]) -> tuple[Tensor, Tenso
         contexts.append(e.positive.context)
         pooled.append(e.positive.pooled)
     return torch.cat(contexts), torch.cat(pooled)
+
+
+class TextTower(nn.Module):
+    """CLIP-L, CLIP-G and T5 as one trainable module: caption indices -> SD3's (context, pooled), built by
+    `mmdit.conditioning.assemble` exactly as generation builds it from the same encoders.
+
+    Why train them: frozen random encoders give each word a fixed vector, but nothing ties a colour to the
+    shape that follows it (T5 has no absolute positions; CLIP mixes the earlier words at random). The MM-DiT
+    trained on them drew the named colours and the named shapes but bound them at random: with two objects
+    of different shapes, a named colour's object had its own shape as often as the other object's (README,
+    "The built-in model"). Trained end to end, the encoders can put each colour into its shape's token.
+    """
+
+    def __init__(self, folder: Path, captions: list[str], clip_length: int, t5_length: int, context_dim: int):
+        super().__init__()
+        enc = folder / "text_encoders"
+        self.clip_l = load_clip(enc / "clip_l.safetensors", activation="quick_gelu")
+        self.clip_g = load_clip(enc / "clip_g.safetensors", activation="gelu")
+        self.t5 = load_t5(enc / "t5xxl_fp16.safetensors")
+        for p in self.parameters():
+            p.requires_grad_(True)
+        # Stability's clip_l file has no projection (the loader makes it the identity); it must stay one.
+        self.clip_l.text_projection.weight.requires_grad_(False)
+        # Every caption's token ids, once: (N, clip_length), (N, clip_length), (N, t5_length). Plain attributes,
+        # not buffers, so they are neither averaged nor saved.
+        self.ids = (ClipTokenizer.from_folder(folder / "tokenizer").encode(captions, clip_length).ids,
+                    ClipTokenizer.from_folder(folder / "tokenizer_2").encode(captions, clip_length).ids,
+                    T5Tokenizer.from_folder(folder / "tokenizer_3").encode(captions, t5_length).ids)
+        self.t5_length, self.context_dim = t5_length, context_dim
+
+    def forward(self, caption: Tensor) -> tuple[Tensor, Tensor]:
+        ids_l, ids_g, ids_t5 = (ids[caption] for ids in self.ids)
+        c = assemble(self.clip_l(ids_l), self.clip_g(ids_g), self.t5(ids_t5), t5_length=self.t5_length,
+                     context_dim=self.context_dim)
+        return c.context, c.pooled  # (B, L_clip + L_t5, context_dim), (B, pooled_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,27 +377,37 @@ def dit_init_(model: MMDiT) -> MMDiT:
 
 
 def train_dit(args: argparse.Namespace, log: Log, latents: Tensor, labels: Tensor, contexts: Tensor,
-              pooled: Tensor, empty: int) -> MMDiT:
+              pooled: Tensor, empty: int, text: TextTower | None = None) -> MMDiT | None:
+    """The MM-DiT, and with `text` the text encoders with it (then `contexts` and `pooled`, the frozen
+    encoders' features, are not used). The exponential moving average is loaded into both at the end.
+    None when `--dit-stop-at` stopped it early (its checkpoint is saved)."""
     ckpt = args.work / "dit.pt"
     torch.manual_seed(args.seed + 3)
     model = dit_init_(MMDiT(builtin.TRANSFORMER))
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    nets = nn.ModuleDict({"dit": model} if text is None else {"dit": model, "text": text})
+    ema = {k: v.detach().clone() for k, v in nets.state_dict().items()}
+    trained = [p for p in nets.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.0)
     g, step = torch.Generator().manual_seed(args.seed + 4), 0
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"])
+        if set(saved["ema"]) != set(ema):  # a --work folder of a run with(out) --train-text
+            raise SystemExit(f"{ckpt} is from a run {'with' if text is None else 'without'} --train-text; use a "
+                             "fresh --work folder, or the same setting")
+        nets.load_state_dict(saved["model"])
         ema = saved["ema"]
         opt.load_state_dict(saved["opt"])
         g.set_state(saved["g"])
         step = saved["step"]
         log(f"dit: resumed at step {step}")
     if step < args.dit_steps:
-        log(f"dit: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.dit_steps} steps of "
-            f"{args.dit_batch}, {len(latents)} scenes")
+        log(f"dit: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+            + (f" (+ {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M of text encoders, trained with it)"
+               if text is not None else "") + f", {args.dit_steps} steps of {args.dit_batch}, {len(latents)} scenes")
     last_save, running = time.time(), None
-    params = dict(model.named_parameters())
-    while step < args.dit_steps:
+    params = dict(nets.named_parameters())
+    stop = args.dit_steps if args.dit_stop_at is None else min(args.dit_steps, args.dit_stop_at)
+    while step < stop:
         idx = torch.randint(len(latents), (args.dit_batch,), generator=g)
         x0 = latents[idx]
         caption = labels[idx].clone()
@@ -361,9 +418,10 @@ def train_dit(args: argparse.Namespace, log: Log, latents: Tensor, labels: Tenso
         # Only the forward is under autocast (as PyTorch advises); the backward runs each op in the dtype its
         # forward used. Disabled (the default), the context changes nothing.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            v = model(xt, t * 1000, contexts[caption], pooled[caption])
+            context, vector = (contexts[caption], pooled[caption]) if text is None else text(caption)
+            v = model(xt, t * 1000, context, vector)
             loss = F.mse_loss(v.float(), noise - x0)
-        optimise_(opt, model, loss, cosine_lr(step, args.dit_steps, args.dit_lr))
+        optimise_(opt, nets, loss, cosine_lr(step, args.dit_steps, args.dit_lr))
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -372,12 +430,12 @@ def train_dit(args: argparse.Namespace, log: Log, latents: Tensor, labels: Tenso
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == args.dit_steps:
             log(f"dit step {step}/{args.dit_steps}  loss {running:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
-        if time.time() - last_save > 120 or step == args.dit_steps:
-            save_atomic({"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "g": g.get_state(),
+        if time.time() - last_save > 120 or step in (stop, args.dit_steps):
+            save_atomic({"model": nets.state_dict(), "ema": ema, "opt": opt.state_dict(), "g": g.get_state(),
                          "step": step}, ckpt)
             last_save = time.time()
-    model.load_state_dict(ema)
-    return model
+    nets.load_state_dict(ema)
+    return model if step >= args.dit_steps else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,21 +487,31 @@ def main(argv: list[str] | None = None) -> int:
         log(f"latents: {tuple(latents.shape)}, mean {latents.mean().item():.3f}, std {latents.std().item():.3f}")
     data = torch.load(latent_file, weights_only=False)
 
-    # 4. the MM-DiT
-    model = train_dit(args, log, data["latents"], data["labels"], contexts, pooled, empty=len(captions) - 1)
+    # 4. the MM-DiT (and the text encoders)
+    text = None
+    if args.train_text:
+        text = TextTower(text_dir, captions, args.clip_length, builtin.PRESET.max_sequence_length,
+                         builtin.TRANSFORMER.context_dim)
+    model = train_dit(args, log, data["latents"], data["labels"], contexts, pooled, empty=len(captions) - 1,
+                      text=text)
+    if model is None:
+        log(f"dit: stopped at step {args.dit_stop_at} (--dit-stop-at); run again without it to go on")
+        return 0
 
     # 5. the model files
-    export(model, vae, text_dir, args.dest)
+    export(model, vae, text_dir, args.dest, text)
     log(f"done: wrote {args.dest}")
     return 0
 
 
-def export(model: MMDiT, vae: VAE, text_dir: Path, dest: Path) -> None:
+def export(model: MMDiT, vae: VAE, text_dir: Path, dest: Path, text: TextTower | None = None) -> None:
     """The single file (MM-DiT and VAE), text encoders and tokenizers, as Stability ships them.
 
     Every weight is stored in float16, which keeps the whole model under the 25 MB the repository allows for
-    it; training ran in float32 (the CLIP encoders too).
+    it; training kept float32 weights. With `text`, its trained encoders replace the random ones, each file
+    with exactly the keys the random one had (so CLIP-L stays without a projection).
     """
+    trained = {} if text is None else {"clip_l": text.clip_l, "clip_g": text.clip_g, "t5xxl_fp16": text.t5}
     dest.mkdir(parents=True, exist_ok=True)
     tensors = {**state(model, "model.diffusion_model.", torch.float16), **state(vae, "first_stage_model.", torch.float16)}
     save_file(tensors, str(dest / builtin.FILE_NAME))
@@ -454,6 +522,9 @@ def export(model: MMDiT, vae: VAE, text_dir: Path, dest: Path) -> None:
     (dest / "text_encoders").mkdir(exist_ok=True)
     for file in sorted((text_dir / "text_encoders").glob("*.safetensors")):
         weights = load_file(str(file))
+        if file.stem in trained:
+            new = trained[file.stem].state_dict()
+            weights = {k: new[k] for k in weights}  # a KeyError here is a bug: the keys must match the file's
         save_file({k: v.to(torch.float16) for k, v in weights.items()}, str(dest / "text_encoders" / file.name))
 
 

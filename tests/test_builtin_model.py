@@ -24,9 +24,9 @@ def pipe():
 
 
 def test_builtin_model_draws_the_named_colours_and_some_shapes(pipe):
-    """16 random captions. Measured here: every named colour present (31 of 31 objects), 14 of 31 objects with
-    the right shape too, 7 of 16 images with every object right. (The goal, every named object right in 0.8
-    of the images, is not reached: README, "The built-in model".)"""
+    """16 random captions. Measured here: 30 of 31 named colours present, 19 of 31 objects with the right shape
+    too, 7 of 16 images with every object right. (The goal, every named object right in 0.8 of the images, is
+    not reached: README, "The built-in model".)"""
     rng = random.Random(5)
     objects = shapes_right = colours_right = 0
     for i in range(16):
@@ -38,20 +38,20 @@ def test_builtin_model_draws_the_named_colours_and_some_shapes(pipe):
         shapes_right += sum(judgement.present)
         colours_right += sum(colour in found for colour, _ in shapes.named_kinds(caption))
     assert colours_right / objects >= 0.9, (colours_right, objects)
-    assert shapes_right / objects >= 0.25, (shapes_right, objects)
+    assert shapes_right / objects >= 0.45, (shapes_right, objects)
 
 
 def test_best_layout_preset_raises_object_in_box(pipe):
     """16 cases. Measured here, no layout -> the best preset (`linear`): an object of the named colour centred in
-    its region 0.300 -> 0.600, the named object (colour and shape) 0.150 -> 0.225."""
+    its region 0.225 -> 0.825, the named object (colour and shape) 0.175 -> 0.575."""
     cases = layout_bench.make_cases(16, seed=3)
     rates = {}
     for method in (layout_bench.Method("no layout"), layout_bench.BEST):
         scores = [layout_bench.score(layout_bench.generate(pipe, c, method), c) for c in cases]
         rates[method.name] = layout_bench.summarise(scores, [0.0])
     plain, steered = rates["no layout"], rates[layout_bench.BEST.name]
-    assert steered["colour_in_box"] >= plain["colour_in_box"] + 0.15, rates
-    assert steered["in_box"] > plain["in_box"], rates
+    assert steered["colour_in_box"] >= plain["colour_in_box"] + 0.3, rates
+    assert steered["in_box"] >= plain["in_box"] + 0.2, rates
 
 
 def test_default_run_writes_a_recognisable_scene(tmp_path):

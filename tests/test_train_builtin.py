@@ -1,0 +1,75 @@
+"""`scripts/train_builtin.py`'s trainable text side (training itself is not part of the suite)."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from loaders import builtin
+
+
+def test_text_tower_starts_as_the_frozen_encoders_and_exports_their_layout(tmp_path):
+    """TextTower (the encoders trained with the MM-DiT) gives, at its first weights, exactly the conditioning
+    generation computes from the same files; every encoder gets a gradient except CLIP-L's projection (which
+    Stability's clip_l file does not carry), and export writes the files with the keys they had."""
+    from mmdit.model import MMDiT
+    from scripts.train_builtin import TextTower, all_captions, encode_captions, export, write_text_side
+
+    folder = tmp_path / "text"
+    write_text_side(folder, 0, 16)
+    captions = all_captions()[::211] + [""]
+    context, pooled = encode_captions(folder, captions)
+    tower = TextTower(folder, captions, 16, builtin.PRESET.max_sequence_length, builtin.TRANSFORMER.context_dim)
+    with torch.no_grad():
+        c, p = tower(torch.arange(len(captions)))
+    assert torch.equal(c, context) and torch.equal(p, pooled)
+
+    c, p = tower(torch.tensor([0, 1]))
+    (c.square().mean() + p.square().mean()).backward()
+    for name, param in tower.named_parameters():
+        if name == "clip_l.text_projection.weight":
+            assert not param.requires_grad
+        else:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+    with torch.no_grad():
+        tower.t5.shared.weight.add_(1.0)  # a "trained" T5
+    dest = tmp_path / "out"
+    export(MMDiT(builtin.TRANSFORMER), _vae(), folder, dest, tower)
+    for name in ("clip_l", "clip_g", "t5xxl_fp16"):
+        before = load_file(str(folder / "text_encoders" / f"{name}.safetensors"))
+        after = load_file(str(dest / "text_encoders" / f"{name}.safetensors"))
+        assert before.keys() == after.keys(), name
+    t5 = load_file(str(dest / "text_encoders" / "t5xxl_fp16.safetensors"))["shared.weight"]
+    assert torch.equal(t5, tower.t5.shared.weight.detach().to(torch.float16))
+
+
+def _vae():
+    from mmdit.vae import VAE
+
+    return VAE(builtin.VAE_CONFIG)
+
+
+def test_dit_stopped_and_resumed_is_the_same_run(tmp_path):
+    """`--dit-stop-at` then the same command without it gives the weights of one uninterrupted run: every random
+    draw comes from a saved generator, and the schedule spans --dit-steps either way."""
+    from scripts.train_builtin import Log, parse_args, train_dit
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 16, 16, 16, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    contexts = torch.randn(4, 32, builtin.TRANSFORMER.context_dim, generator=g)
+    pooled = torch.randn(4, builtin.TRANSFORMER.pooled_dim, generator=g)
+
+    def run(work, *extra):
+        args = parse_args(["--work", str(work), "--dit-steps", "3", "--dit-batch", "2", "--no-bf16", *extra])
+        work.mkdir(exist_ok=True)
+        return train_dit(args, Log(work / "train.log"), latents, labels, contexts, pooled, empty=3)
+
+    straight = run(tmp_path / "a")
+    assert run(tmp_path / "b", "--dit-stop-at", "1") is None
+    resumed = run(tmp_path / "b")
+    assert "resumed at step 1" in (tmp_path / "b" / "train.log").read_text()
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["final_layer.linear.weight"], torch.zeros_like(a["final_layer.linear.weight"]))
