@@ -11,8 +11,9 @@ files are committed, laid out as Stability ships SD3.5, and read where they are 
     builtin-model/tokenizer/, tokenizer_2/, tokenizer_3/   (trained by the project on a built-in text)
 
 Widths are tiny, but every head is 64 wide, as in the released models, so the same shape-based config
-inference loads it with no extra information. The text encoders are random (seeded) and were frozen during
-training: the MM-DiT learnt to read their features, as SD3 learnt to read the pretrained encoders'.
+inference loads it with no extra information. The text encoders started from random (seeded) weights and were
+trained with the MM-DiT, end to end (`scripts/train_builtin.py --train-text`): frozen random ones left colours
+and shapes unbound (README, "The built-in model").
 """
 
 from __future__ import annotations

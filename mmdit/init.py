@@ -1,4 +1,5 @@
-"""Random weights for a model that has none: the built-in model's frozen text encoders, tests and benchmarks."""
+"""Random weights for a model that has none: the built-in model's text encoders before training, tests and
+benchmarks."""
 
 from __future__ import annotations
 
