@@ -434,8 +434,10 @@ def train_dit(args: argparse.Namespace, log: Log, latents: Tensor, labels: Tenso
             save_atomic({"model": nets.state_dict(), "ema": ema, "opt": opt.state_dict(), "g": g.get_state(),
                          "step": step}, ckpt)
             last_save = time.time()
+    if step < args.dit_steps:  # stopped by --dit-stop-at: the checkpoint holds everything
+        return None
     nets.load_state_dict(ema)
-    return model if step >= args.dit_steps else None
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ def test_text_tower_starts_as_the_frozen_encoders_and_exports_their_layout(tmp_p
     generation computes from the same files; every encoder gets a gradient except CLIP-L's projection (which
     Stability's clip_l file does not carry), and export writes the files with the keys they had."""
     from mmdit.model import MMDiT
+    from mmdit.vae import VAE
     from scripts.train_builtin import TextTower, all_captions, encode_captions, export, write_text_side
 
     folder = tmp_path / "text"
@@ -35,19 +36,13 @@ def test_text_tower_starts_as_the_frozen_encoders_and_exports_their_layout(tmp_p
     with torch.no_grad():
         tower.t5.shared.weight.add_(1.0)  # a "trained" T5
     dest = tmp_path / "out"
-    export(MMDiT(builtin.TRANSFORMER), _vae(), folder, dest, tower)
+    export(MMDiT(builtin.TRANSFORMER), VAE(builtin.VAE_CONFIG), folder, dest, tower)
     for name in ("clip_l", "clip_g", "t5xxl_fp16"):
         before = load_file(str(folder / "text_encoders" / f"{name}.safetensors"))
         after = load_file(str(dest / "text_encoders" / f"{name}.safetensors"))
         assert before.keys() == after.keys(), name
     t5 = load_file(str(dest / "text_encoders" / "t5xxl_fp16.safetensors"))["shared.weight"]
     assert torch.equal(t5, tower.t5.shared.weight.detach().to(torch.float16))
-
-
-def _vae():
-    from mmdit.vae import VAE
-
-    return VAE(builtin.VAE_CONFIG)
 
 
 def test_dit_stopped_and_resumed_is_the_same_run(tmp_path):
