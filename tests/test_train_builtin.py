@@ -68,3 +68,42 @@ def test_dit_stopped_and_resumed_is_the_same_run(tmp_path):
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["final_layer.linear.weight"], torch.zeros_like(a["final_layer.linear.weight"]))
+
+
+def test_text_frozen_at_text_steps_across_a_resume(tmp_path):
+    """With --train-text the encoders train for --text-steps steps, then stay as they were (what ships is their
+    weights at the freeze, which the MM-DiT trained on from there); a run stopped before the freeze, stopped
+    again after it and resumed gives exactly the weights of one uninterrupted run."""
+    from scripts.train_builtin import Log, TextTower, all_captions, parse_args, train_dit, write_text_side
+
+    folder = tmp_path / "text"
+    write_text_side(folder, 0, 16)
+    captions = all_captions()[:3] + [""]
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 16, 16, 16, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def run(work, *extra):
+        args = parse_args(["--work", str(work), "--dit-steps", "6", "--text-steps", "4", "--dit-batch", "2",
+                           "--no-bf16", *extra])
+        work.mkdir(exist_ok=True)
+        tower = TextTower(folder, captions, 16, builtin.PRESET.max_sequence_length, builtin.TRANSFORMER.context_dim)
+        model = train_dit(args, Log(work / "train.log"), latents, labels, None, None, empty=3, text=tower)
+        return model, tower
+
+    first = {k: v.clone() for k, v in run(tmp_path / "init", "--dit-stop-at", "0")[1].state_dict().items()}
+    model_a, tower_a = run(tmp_path / "a")
+    assert run(tmp_path / "b", "--dit-stop-at", "1")[0] is None
+    assert run(tmp_path / "b", "--dit-stop-at", "5")[0] is None  # resumed at 1, frozen at 4, stopped at 5
+    after_freeze = torch.load(tmp_path / "b" / "dit.pt", weights_only=False)["model"]
+    model_b, tower_b = run(tmp_path / "b")
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "frozen from step 4" in log and "resumed at step 5" in log
+    for a, b in ((model_a, model_b), (tower_a, tower_b)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    text = tower_b.state_dict()
+    assert all(torch.equal(text[k], after_freeze[f"text.{k}"]) for k in text)  # unchanged after step 4
+    # but trained before it (from step 2: at step 0 adaLN-Zero's gates and the final layer, zero, pass no
+    # gradient back to the text)
+    assert not torch.equal(text["t5.shared.weight"], first["t5.shared.weight"])
