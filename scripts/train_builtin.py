@@ -25,7 +25,7 @@ Four stages, each with the project's own modules, each resumable (run the same c
           and backward under bfloat16 autocast; weights, optimiser state and the average stay float32.
           `--train-text` (the default) trains the three text encoders with it, end to end, on the same loss
           (`TextTower` says why), for the first `--text-steps` steps; then they are frozen and every caption
-          encoded once with them, which makes the remaining steps 1.7x faster. They are exported in place of
+          encoded once with them, which makes the remaining steps about 1.3x faster. They are exported in place of
           the random ones.
 
 The result is written in the official Stability single-file layout (`loaders.builtin` documents it) into
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-steps", type=int, default=3000, metavar="STEP",
                    help="with --train-text: the text encoders train for the first STEP MM-DiT steps and are then "
                         "frozen, every caption encoded once with their weights at that step (a step without them "
-                        "is 1.7x faster; 0 or >= --dit-steps: they train to the end)")
+                        "is about 1.3x faster; 0 or >= --dit-steps: they train to the end)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="MM-DiT forward and backward under bfloat16 autocast (weights, AdamW and EMA stay float32)")
     args = p.parse_args(argv)
@@ -245,7 +245,6 @@ class TextTower(nn.Module):
         c = assemble(self.clip_l(ids_l), self.clip_g(ids_g), self.t5(ids_t5), t5_length=self.t5_length,
                      context_dim=self.context_dim)
         return c.context, c.pooled  # (B, L_clip + L_t5, context_dim), (B, pooled_dim)
-
 
     @torch.no_grad()
     def freeze(self, bf16: bool) -> tuple[Tensor, Tensor]:
@@ -440,10 +439,8 @@ def train_dit(args: argparse.Namespace, log: Log, latents: Tensor, labels: Tenso
         log(f"dit: text encoders frozen from step {freeze_at} on, {len(features[0])} captions encoded once")
         return features
 
-    if freeze_at is not None and step >= freeze_at:  # resumed after the freeze
-        (contexts, pooled), live = freeze(), None
     while step < stop:
-        if step == freeze_at:
+        if live is not None and freeze_at is not None and step >= freeze_at:  # here, or resumed after it
             (contexts, pooled), live = freeze(), None
         idx = torch.randint(len(latents), (args.dit_batch,), generator=g)
         x0 = latents[idx]

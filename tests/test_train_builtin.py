@@ -83,15 +83,18 @@ def test_text_frozen_at_text_steps_across_a_resume(tmp_path):
     latents = torch.randn(6, 16, 16, 16, generator=g)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
 
+    def new_tower():
+        return TextTower(folder, captions, 16, builtin.PRESET.max_sequence_length, builtin.TRANSFORMER.context_dim)
+
     def run(work, *extra):
         args = parse_args(["--work", str(work), "--dit-steps", "6", "--text-steps", "4", "--dit-batch", "2",
                            "--no-bf16", *extra])
         work.mkdir(exist_ok=True)
-        tower = TextTower(folder, captions, 16, builtin.PRESET.max_sequence_length, builtin.TRANSFORMER.context_dim)
+        tower = new_tower()
         model = train_dit(args, Log(work / "train.log"), latents, labels, None, None, empty=3, text=tower)
         return model, tower
 
-    first = {k: v.clone() for k, v in run(tmp_path / "init", "--dit-stop-at", "0")[1].state_dict().items()}
+    first = new_tower().state_dict()
     model_a, tower_a = run(tmp_path / "a")
     assert run(tmp_path / "b", "--dit-stop-at", "1")[0] is None
     assert run(tmp_path / "b", "--dit-stop-at", "5")[0] is None  # resumed at 1, frozen at 4, stopped at 5
