@@ -227,15 +227,14 @@ def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print
     return results
 
 
-def binding(image: np.ndarray, text: str) -> list[str]:
+def binding(detections: list[shapes.Detection], text: str) -> list[str]:
     """For a caption of two objects of different shapes: per named object, the shape of the largest object of its
     colour — "own", "other" (the other named object's shape: colour and shape bound wrongly), "third" (the shape
     nobody named) or "missing" (no object of that colour). A model that draws the named shapes but binds them
-    at random gives as many "other" as "own". Empty for any other caption."""
+    at random gives as many "other" as "own". Empty for any other caption. `detections`: `shapes.detect`'s."""
     kinds = shapes.named_kinds(text)
     if len(kinds) != 2 or kinds[0][1] == kinds[1][1]:
         return []
-    detections = shapes.detect(image)
     out = []
     for (colour, shape), (_, other) in zip(kinds, kinds[::-1]):
         found = next((d for d in detections if d.colour == colour), None)
@@ -251,10 +250,11 @@ def run_quality(pipe: Pipeline, count: int, seed: int, say=print) -> dict:
     for i in range(count):
         text = shapes.random_scene(rng).caption
         image = np.asarray(pipe(text, seed=10_000 + i).images[0])
-        j, found = shapes.judge(image, text), {d.colour for d in shapes.detect(image)}
+        detections = shapes.detect(image)
+        j, found = shapes.judge(image, text), {d.colour for d in detections}
         rows.append({"caption": text, "all_present": j.all_present, "unnamed": j.unnamed, "present": j.present,
                      "colour_present": [c in found for c, _ in shapes.named_kinds(text)],
-                     "binding": binding(image, text)})
+                     "binding": binding(detections, text)})
         images.append(image)
     share = lambda key: float(np.mean([x for r in rows for x in r[key]]))  # noqa: E731
     out = {"images": count, "all_present": float(np.mean([r["all_present"] for r in rows])),
