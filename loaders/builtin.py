@@ -12,8 +12,8 @@ files are committed, laid out as Stability ships SD3.5, and read where they are 
 
 Widths are tiny, but every head is 64 wide, as in the released models, so the same shape-based config
 inference loads it with no extra information. The text encoders started from random (seeded) weights and were
-trained with the MM-DiT, end to end (`scripts/train_builtin.py --train-text`): frozen random ones left colours
-and shapes unbound (README, "The built-in model").
+trained with the MM-DiT, end to end, for its first 3,000 steps, then frozen (`scripts/train_builtin.py
+--train-text --text-steps`): frozen random ones left colours and shapes unbound (README, "The built-in model").
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def test_in_region_fraction_rises_with_strength(builtin, tmp_path):
     for n in range(3):
         assert fractions["0"][n] < fractions["0.5"][n] < fractions["1"][n], fractions
     # with the layout a phrase's attention inside its region (14% of the image) is three times its share without
-    # one (docs/dense's layout on the current built-in model: 0.63-0.68 at strength 1; 0.46-0.51 on the previous)
+    # one (docs/dense's layout on the current built-in model: 0.63-0.68 at strength 1; 0.46-0.51 on one with frozen text)
     assert min(fractions["1"]) > 3 * 0.14, fractions
 
 
