@@ -110,3 +110,16 @@ def test_text_frozen_at_text_steps_across_a_resume(tmp_path):
     # but trained before it (from step 2: at step 0 adaLN-Zero's gates and the final layer, zero, pass no
     # gradient back to the text)
     assert not torch.equal(text["t5.shared.weight"], first["t5.shared.weight"])
+
+
+def test_bf16_defaults_to_what_the_cpu_computes_natively(monkeypatch, tmp_path):
+    """Without --bf16 / --no-bf16 the autocast follows the CPU: emulated bfloat16 (an AVX2-only CPU) made a step
+    about 15x slower than float32 (README, "The built-in model"), so it is on only where it is native."""
+    from scripts.train_builtin import parse_args
+
+    work = ["--work", str(tmp_path)]
+    for native in (False, True):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert parse_args(work).bf16 is native
+        assert parse_args([*work, "--bf16"]).bf16 is True
+        assert parse_args([*work, "--no-bf16"]).bf16 is False
