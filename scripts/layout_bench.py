@@ -17,7 +17,7 @@ with an unnamed object, and the shares of named objects and of their colours fou
 * IoU: between the found object's mask and its region (0 when not found), DenseDiffusion's measure;
 * present: the named object was found; all-present: every named object of the image was;
 * unnamed: the share of images with an object that was not named;
-* time: seconds per image, and relative to no layout.
+* time: seconds per image, and relative to no layout (the methods run in turn on each case).
 Methods: no layout; DenseDiffusion `faithful`, `linear` (faithful with λ decaying linearly, power 1 instead of
 5), `joint`, `hard`; `faithful` at strengths 0, 0.5, 1, 2, 4; ablations of `faithful` (image->image only,
 image->text only, schedule fraction 0.5, power 2); and a baseline that never touches the attention: for the
@@ -206,19 +206,27 @@ def summarise(scores: list[dict], seconds: list[float]) -> dict:
 
 
 def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print) -> dict:
-    results = {}
-    for method in chosen:
-        scores, seconds, images = [], [], []
-        for case in cases:
+    """Every method on every case, case by case: on each case the methods run in turn, so a slower or faster
+    stretch of the run (another process, the clock) falls on every method alike and the time ratios compare
+    like with like (method by method, a slow stretch once made the best preset look 1.26x no layout: README)."""
+    scores: dict[str, list[dict]] = {m.name: [] for m in chosen}
+    seconds: dict[str, list[float]] = {m.name: [] for m in chosen}
+    images: dict[str, list[np.ndarray]] = {m.name: [] for m in chosen}
+    for i, case in enumerate(cases):
+        for method in chosen:
             start = time.perf_counter()
             image = generate(pipe, case, method)
-            seconds.append(time.perf_counter() - start)
-            scores.append(score(image, case))
-            images.append(image)
-        by_count = {n: summarise([s for s, c in zip(scores, cases) if len(c.kinds) == n],
-                                 [t for t, c in zip(seconds, cases) if len(c.kinds) == n]) for n in (2, 3)}
-        results[method.name] = {**summarise(scores, seconds), "by_objects": by_count, "images_": images}
-        r = results[method.name]
+            seconds[method.name].append(time.perf_counter() - start)
+            scores[method.name].append(score(image, case))
+            images[method.name].append(image)
+        if (i + 1) % 25 == 0 and i + 1 < len(cases):
+            say(f"{i + 1}/{len(cases)} cases")
+    results = {}
+    for method in chosen:
+        s, t = scores[method.name], seconds[method.name]
+        by_count = {n: summarise([x for x, c in zip(s, cases) if len(c.kinds) == n],
+                                 [y for y, c in zip(t, cases) if len(c.kinds) == n]) for n in (2, 3)}
+        results[method.name] = r = {**summarise(s, t), "by_objects": by_count, "images_": images[method.name]}
         say(f"{method.name:32s} in-box {r['in_box']:.3f}  colour in-box {r['colour_in_box']:.3f}  IoU {r['iou']:.3f}  present {r['present']:.3f}  "
             f"unnamed {r['unnamed']:.3f}  {r['seconds']:.2f} s/image")
     base = results[chosen[0].name]["seconds"]
