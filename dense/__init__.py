@@ -18,6 +18,8 @@ from dense.layout import (MAX_REGIONS, Layout, LayoutError, Region, box_mask, la
                           read_layout, read_mask, region_masks, region_name, resize_nearest)
 from dense.maps import AttentionMaps, map_to_image
 from dense.modulation import PRESETS, DenseAttention, DenseConfig, DensePlan, TokenTables, build_tables
+from dense.regional import (RegionalAttention, RegionalConfig, RegionalPlan, RegionalPrompts, blend,
+                            joint_labels, regional_mask, regional_prompts)
 from dense.phrases import PhraseEncoding, replace_phrase_embeddings
 from dense.schedule import active_steps, step_lambdas, unshifted_sigma
 from dense.tokens import (CELL, CLIP_TOKENS, PhraseMatch, RegionTokens, assign_tokens, find_subsequence,
@@ -29,6 +31,8 @@ __all__ = [
     "AttentionMaps", "map_to_image",
     "PRESETS", "DenseAttention", "DenseConfig", "DensePlan", "TokenTables", "build_tables",
     "PhraseEncoding", "replace_phrase_embeddings",
+    "RegionalAttention", "RegionalConfig", "RegionalPlan", "RegionalPrompts", "blend", "joint_labels", "regional_mask",
+    "regional_prompts",
     "active_steps", "step_lambdas", "unshifted_sigma",
     "CELL", "CLIP_TOKENS", "PhraseMatch", "RegionTokens", "assign_tokens", "find_subsequence", "match_phrase",
     "text_classes",

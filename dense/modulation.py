@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -123,6 +124,7 @@ class DenseAttention:
     `chunk_size` rows), calling `modulate` on the fp32 scores and `record` on the probabilities.
     """
 
+    method: ClassVar[str] = "dense"  # how `mmdit.attention.attention` tells the layout methods apart
     rows: slice  # batch rows to modulate: the positive (conditional) half
     chunk_size: int  # query rows per explicit chunk
     modulating: bool  # False when the call only records maps
@@ -232,6 +234,10 @@ class DenseAttention:
         # adding a 0/−∞ table is one broadcast pass; masked_fill with a broadcast mask is much slower on CPU
         bias = torch.zeros(negative.shape, dtype=s.dtype, device=s.device).masked_fill_(negative, float("-inf"))
         return s.add_(bias)
+
+    def for_block(self, index: int) -> DenseAttention:
+        """The same modulation in every joint block."""
+        return self
 
     def explicit_queries(self, n_queries: int) -> int:
         """How many leading query rows (of `n_queries`, image rows first) need explicit scores: the image rows,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .fp8 import linear_rows
 
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
-    from dense import DenseAttention
+    from dense import DenseAttention, RegionalAttention
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +74,7 @@ def merge_heads(o: Tensor) -> Tensor:
     return rearrange(o, "B H L Dh -> B L (H Dh)")
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | RegionalAttention | None = None) -> Tensor:
     """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) attends over k, v (B, H, L, Dh); the result is (B, H, Lq, Dh).
 
     Lq = L, except in the last block, where only the image tokens (the first Lq) ask.
@@ -87,6 +87,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = No
     query on its own, so those outputs are bit for bit the plain result (docs/densediffusion.md §9;
     tests/test_dense_pipeline.py). A `dense` that only records attention maps leaves the whole output plain.
     """
+    if dense is not None and dense.method == "regional":
+        return regional_attention(q, k, v, dense)
     if dense is None or not dense.modulating:
         out = F.scaled_dot_product_attention(q, k, v)
         if dense is not None:  # recording maps only: the probabilities are recomputed for them, aside
@@ -122,3 +124,28 @@ def probabilities(q: Tensor, k: Tensor, dense: DenseAttention) -> Iterator[tuple
         q1 = min(q0 + dense.chunk_size, n)
         s = qr[:, :, q0:q1] @ kt  # (b, H, chunk, L) scaled scores of queries q0..q1
         yield q0, q1, dense.modulate(s, q0, q1).softmax(-1)
+
+
+def regional_attention(q: Tensor, k: Tensor, v: Tensor, regional: RegionalAttention) -> Tensor:
+    """Regional Prompting's joint attention (docs/layout-control.md §3): the same shapes as `attention`.
+
+    The sequence is [image; base text; regional texts]. Every batch row first takes the plain attention of its
+    image and base text queries over the keys [image; base text], the very computation of a run without a layout
+    (so it is that run's result bit for bit). The positive rows then take a second, masked pass over every key;
+    their image rows become (1 − β)·masked + β·plain and their regional text rows the masked pass's. The other
+    rows' regional text tokens (CFG's negative half, which repeats its own prompt there) are never attended to
+    and get 0. SD3.5-M's image-only `attn2` (keys = image tokens only) stays plain, as in the SD3.5 port.
+    """
+    B, Lq, L = q.shape[0], q.shape[2], k.shape[2]
+    n, p = regional.n_img, regional.n_prefix
+    if L == n:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = torch.empty_like(q)
+    m = min(Lq, p)  # the plain queries: image and base text (image only in the last block)
+    out[:, :, :m] = F.scaled_dot_product_attention(q[:, :, :m], k[:, :, :p], v[:, :, :p])
+    out[:, :, m:] = 0
+    rows = regional.rows
+    masked = F.scaled_dot_product_attention(q[rows], k[rows], v[rows], attn_mask=regional.mask[:Lq])  # (b, H, Lq, Dh)
+    out[rows, :, :n] = regional.blend(masked[:, :, :n], out[rows, :, :n])
+    out[rows, :, m:] = masked[:, :, m:]
+    return out

@@ -30,7 +30,7 @@ from .embed import MLPEmbedder, PatchEmbed, cropped_pos_embed, timestep_frequenc
 from .errors import InputError
 
 if TYPE_CHECKING:
-    from dense import DenseAttention
+    from dense import DenseAttention, RegionalAttention
 
     from .streaming import BlockStreamer
 
@@ -150,12 +150,13 @@ class MMDiT(nn.Module):
         context: Tensor,
         pooled: Tensor,
         skip_layers: Sequence[int] = (),
-        dense: DenseAttention | None = None,
+        dense: DenseAttention | RegionalAttention | None = None,
     ) -> Tensor:
         """Predict the velocity.
 
         x (B, C, H, W) latents; t (B,) = σ·1000 as float; context (B, S, context_dim); pooled (B, pooled_dim).
-        `skip_layers`: blocks not run at all (skip-layer guidance). `dense`: DenseDiffusion for this call.
+        `skip_layers`: blocks not run at all (skip-layer guidance). `dense`: the layout control of this call,
+        DenseDiffusion's or Regional Prompting's (whose context then holds the regional prompts after the base).
         Returns (B, C_out, H, W).
         """
         p = self.config.patch_size
@@ -167,8 +168,9 @@ class MMDiT(nn.Module):
         tokens = (tokens + cropped_pos_embed(self.pos_embed, h, w)).to(tokens.dtype)
         vec = self.t_embedder(timestep_frequencies(t).to(pooled.dtype)) + self.y_embedder(pooled)  # (B, D)
         c = self.context_embedder(context)  # (B, S, D)
-        blocks = [block for i, block in enumerate(self.joint_blocks) if i not in skip_layers]
-        for block in blocks if self.streamer is None else self.streamer.stream(blocks):
-            tokens, c = block(tokens, c, vec, dense)
+        index = [i for i in range(len(self.joint_blocks)) if i not in skip_layers]
+        blocks = [self.joint_blocks[i] for i in index]
+        for i, block in zip(index, blocks if self.streamer is None else self.streamer.stream(blocks)):
+            tokens, c = block(tokens, c, vec, dense.for_block(i) if dense is not None else None)
         out = self.final_layer(tokens, vec)  # (B, h*w, p*p*C)
         return rearrange(out, "B (h w) (p q C) -> B C (h p) (w q)", h=h, p=p, q=p)
