@@ -5,7 +5,8 @@ A layout is a small JSON file::
     {"prompt": "a red rose floating on a blue ocean",            # optional
      "regions": [{"phrase": "a blue ocean", "mask": "ocean.png"},  # mask path relative to the JSON
                  {"phrase": "a red rose", "box": [0.35, 0.40, 0.65, 0.70]},
-                 {"phrase": "", "box": [0, 0, 1, 0.2]}]}          # "" = background, no words
+                 {"phrase": "", "box": [0, 0, 1, 0.2]}],          # "" = background, no words
+     "background": "a calm sky"}                                   # optional: Regional Prompting's background
 
 Reading it checks everything that can be checked without a tokenizer and without knowing the output
 size, so a bad layout fails before any model is loaded; mask images are read (and thresholded) right
@@ -31,7 +32,7 @@ from torch import Tensor
 from mmdit.errors import InputError
 
 MAX_REGIONS = 16
-LAYOUT_KEYS = ("prompt", "regions")
+LAYOUT_KEYS = ("prompt", "regions", "background")
 REGION_KEYS = ("phrase", "mask", "box")
 
 
@@ -54,6 +55,7 @@ class Layout:
     prompt: str | None  # the layout's own "prompt", if it has one
     regions: tuple[Region, ...]
     path: Path | None = None  # the JSON file, if the layout came from one
+    background: str | None = None  # Regional Prompting's prompt for the tokens of no worded region, if given
 
 
 def region_name(index: int, phrase: str) -> str:
@@ -77,7 +79,7 @@ def read_layout(path: str | Path) -> Layout:
     except json.JSONDecodeError as e:
         raise LayoutError(f"the layout file {path} is not valid JSON: {e}") from e
     layout = parse_layout(data, base_dir=path.parent)
-    return Layout(prompt=layout.prompt, regions=layout.regions, path=path)
+    return Layout(prompt=layout.prompt, regions=layout.regions, path=path, background=layout.background)
 
 
 def parse_layout(data: object, base_dir: str | Path = ".") -> Layout:
@@ -90,6 +92,10 @@ def parse_layout(data: object, base_dir: str | Path = ".") -> Layout:
     prompt = data.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise LayoutError(f'the layout\'s "prompt" must be a string, got {type(prompt).__name__}')
+    background = data.get("background")
+    if background is not None and not isinstance(background, str):
+        raise LayoutError(f'the layout\'s "background" (Regional Prompting\'s background prompt) must be a string, '
+                          f"got {type(background).__name__}")
     regions = data.get("regions")
     if not isinstance(regions, list) or not regions:
         raise LayoutError('the layout needs a non-empty "regions" list: [{"phrase": ..., "box": [x0, y0, x1, y1]}, ...]')
@@ -97,7 +103,8 @@ def parse_layout(data: object, base_dir: str | Path = ".") -> Layout:
         raise LayoutError(f"the layout has {len(regions)} regions; at most {MAX_REGIONS} are supported, "
                           "merge some regions")
     base_dir = Path(base_dir)
-    return Layout(prompt=prompt, regions=tuple(_parse_region(i, r, base_dir) for i, r in enumerate(regions)))
+    return Layout(prompt=prompt, regions=tuple(_parse_region(i, r, base_dir) for i, r in enumerate(regions)),
+                  background=background)
 
 
 def _parse_region(index: int, data: object, base_dir: Path) -> Region:

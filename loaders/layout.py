@@ -1,4 +1,5 @@
-"""A DenseDiffusion layout put to work in one generation (docs/densediffusion.md §2-§5, §10).
+"""A layout put to work in one generation: DenseDiffusion (docs/densediffusion.md §2-§5, §10) or Regional
+Prompting (docs/layout-control.md).
 
 `dense` holds the pure pieces (layout checks, token assignment, phrase matching, the modulation); this module
 feeds them what only a loaded model has: the tokenizers' ids, the encoders' phrase encodings, the schedule.
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dense import (PRESETS, AttentionMaps, DenseConfig, DensePlan, Layout, PhraseEncoding, PhraseMatch, RegionTokens,
-                   assign_tokens, map_to_image, match_phrase, region_masks, replace_phrase_embeddings)
+from dense import (PRESETS, AttentionMaps, DenseConfig, DensePlan, Layout, PhraseEncoding, PhraseMatch, RegionalConfig,
+                   RegionalPlan, RegionalPrompts, RegionTokens, assign_tokens, map_to_image, match_phrase,
+                   region_masks, regional_prompts, replace_phrase_embeddings)
 from dense.layout import region_name
-from mmdit.conditioning import Conditioning
+from mmdit.conditioning import Conditioning, assemble
 from samplers import sigmas
 
 from .text import EncodedPrompts, TextFiles, clip_length
@@ -139,4 +141,28 @@ def layout_record(layout: Layout) -> dict:
         entry = {"phrase": r.phrase}
         entry.update({"box": list(r.box)} if r.box is not None else {"mask": str(r.mask_path)})
         regions.append(entry)
-    return {"prompt": layout.prompt, "regions": regions, "file": str(layout.path) if layout.path else None}
+    return {"prompt": layout.prompt, "regions": regions, "file": str(layout.path) if layout.path else None,
+            **({"background": layout.background} if layout.background is not None else {})}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Regional Prompting (docs/layout-control.md)
+
+
+def regional_layout(layout: Layout, background: str | None, *, height: int, width: int) -> RegionalPrompts:
+    """Which prompt each image token follows: the region's phrase, or the background prompt (`background`, else the
+    layout's "background", else the empty prompt) for tokens of no worded region. The phrases need not be in the
+    prompt: each is a prompt of its own."""
+    phrases = [r.phrase for r in layout.regions]
+    regions = assign_tokens(region_masks(layout, height, width), phrases)
+    text = background if background is not None else layout.background if layout.background is not None else ""
+    return regional_prompts(regions.seg, phrases, text)
+
+
+def plan_regional(prompts: RegionalPrompts, encoded: EncodedPrompts, config: RegionalConfig, *,
+                  max_sequence_length: int, context_dim: int, device: torch.device | str) -> RegionalPlan:
+    """The plan from the regional prompts' encodings (`encode_prompts(..., extra_texts=prompts.texts)`), each
+    assembled like the base prompt (one context of L_clip + L_t5 tokens)."""
+    e = encoded.phrases
+    contexts = assemble(e.clip_l, e.clip_g, e.t5, t5_length=max_sequence_length, context_dim=context_dim).context
+    return RegionalPlan.build(prompts, contexts.to(encoded.positive.context.dtype), config, device=device)

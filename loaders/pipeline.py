@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dense import AttentionMaps, DenseConfig, DensePlan, Layout
+from dense import AttentionMaps, DenseConfig, DensePlan, Layout, RegionalConfig, RegionalPlan
 from mmdit.conditioning import Conditioning
 from mmdit.errors import InputError
 from mmdit.model import MMDiT, MMDiTConfig
@@ -28,11 +28,12 @@ from samplers import (
 from .checkpoint import Checkpoint, check_offload, load_transformer, load_vae, locate, transformer_config, variant
 from .fp8 import check_weights
 from .hub import ModelSource, resolve_model
-from .layout import layout_record, match_layout, plan_layout
+from .layout import layout_record, match_layout, plan_layout, plan_regional, regional_layout
 from .lora import LoRA, LoRAFile, check_transformer_loras, lora_records, merge_loras, read_lora
 from .memory import MemoryLog, measure
 from .text import TextFiles, encode_prompts, find_text_files
 
+LAYOUT_METHODS = ("dense", "regional")  # DenseDiffusion (docs/densediffusion.md), Regional Prompting
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by their CLI names
 
 
@@ -79,14 +80,19 @@ class Settings:
         return {**asdict(self), "slg_layers": list(self.slg_layers)}
 
 
-def denoiser(model: MMDiT, dense: DensePlan | None = None) -> Denoiser:
-    """The MM-DiT as the sampler calls it; with a layout, each call gets its DenseDiffusion attention."""
+def denoiser(model: MMDiT, dense: DensePlan | RegionalPlan | None = None) -> Denoiser:
+    """The MM-DiT as the sampler calls it; with a layout, each call gets its layout attention: DenseDiffusion's, or
+    Regional Prompting's, whose steps also append the regional prompts to the context (docs/layout-control.md)."""
 
     def denoise(x: Tensor, t: Tensor, cond: Conditioning, call: ModelCall) -> Tensor:
-        attention = None
-        if dense is not None:
+        attention, context = None, cond.context
+        if isinstance(dense, RegionalPlan):
+            attention = dense.for_call(call.step, call.positive)
+            if attention is not None:
+                context = dense.context(context, call.positive)  # (B, S·(1 + prompts), D)
+        elif dense is not None:
             attention = dense.for_call(call.step, call.positive, skip_layers=call.skip_layers)
-        return model(x, t, cond.context, cond.pooled, skip_layers=call.skip_layers, dense=attention)
+        return model(x, t, context, cond.pooled, skip_layers=call.skip_layers, dense=attention)
 
     return denoise
 
@@ -98,7 +104,7 @@ def generate_latents(
     settings: Settings,
     *,
     callback: Callable[[int, Tensor], None] | None = None,
-    dense: DensePlan | None = None,
+    dense: DensePlan | RegionalPlan | None = None,
     start: ImageStart | None = None,
 ) -> Tensor:
     """Final latents (B, C, H/8, W/8) for the B rows of `positive`, in the model's dtype and device.
@@ -359,6 +365,9 @@ class Pipeline:
         dense_strength: float = 1.0,
         dense_preset: str | DenseConfig = "faithful",
         record_maps: bool = False,
+        layout_method: str = "dense",
+        regional: RegionalConfig | None = None,
+        background_prompt: str | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
         prompt_embeds: Conditioning | None = None,
         negative_embeds: Conditioning | None = None,
@@ -373,6 +382,10 @@ class Pipeline:
         `layout` is a parsed `dense.Layout`, a dict shaped like the layout JSON, or the path of a layout file;
         its regions steer the image with DenseDiffusion (`dense_strength`, `dense_preset`: a preset name or a
         `dense.DenseConfig`). `record_maps` records the per-phrase attention maps (needs a layout).
+        `layout_method="regional"` steers with Regional Prompting instead (docs/layout-control.md): each region's
+        phrase is its own prompt, `regional` (a `dense.RegionalConfig`: base ratio, inject steps and interval;
+        None: its defaults) says how, and `background_prompt` (else the layout's "background", else "") covers the
+        tokens of no worded region.
         Precomputed conditioning replaces the prompt: `prompt_embeds` (and `negative_embeds` when CFG is on), one
         row per image; then no text encoder runs.
         `memory`: a `loaders.memory.MemoryLog` that gets each stage's weight bytes and peak memory.
@@ -398,6 +411,13 @@ class Pipeline:
             layout = read_layout(layout)
         elif isinstance(layout, dict):
             layout = parse_layout(layout)
+        if layout_method not in LAYOUT_METHODS:
+            raise InputError(f"unknown layout method {layout_method!r}; choose one of {', '.join(LAYOUT_METHODS)}")
+        regional_on = layout is not None and layout_method == "regional"
+        if regional_on and record_maps:
+            raise InputError("attention maps are recorded for DenseDiffusion only (layout_method='dense')")
+        if regional_on and regional is None:
+            regional = RegionalConfig()
         if layout is not None:
             prompt = layout_prompt(layout, prompt)
         elif record_maps:
@@ -417,17 +437,26 @@ class Pipeline:
             return self._result(latents, {**record, "prompt_embeds": True}, None, skipped, memory)
         if prompt is None:
             raise InputError("give a prompt (or a layout that has one)")
-        match = None
-        if layout is not None:
+        match = regions = None
+        if regional_on:
+            regions = regional_layout(layout, background_prompt, height=settings.height, width=settings.width)
+            extra = list(regions.texts) if regional.inject_steps > 0 else None  # 0: the plain run, bit for bit
+        elif layout is not None:
             match = match_layout(layout, prompt, self.files, height=settings.height, width=settings.width,
                                  max_sequence_length=length, keep=self._text)
+            extra = match.texts_to_encode if dense_strength > 0 else None
+        else:
+            extra = None
         encoded = encode_prompts(
             self.files, [prompt], [negative_prompt] if settings.guidance.cfg_on else None, num_images=num_images,
             max_sequence_length=length, context_dim=self.config.context_dim, dtype=self.dtype, device=self.device,
-            extra_texts=match.texts_to_encode if match is not None and dense_strength > 0 else None,
-            keep=self._text, t5_device=self.t5_device, memory=memory, weights=self.weights, loras=self.loras,
+            extra_texts=extra, keep=self._text, t5_device=self.t5_device, memory=memory, weights=self.weights,
+            loras=self.loras,
         )
         positive, plan = encoded.positive, None
+        if regions is not None and extra is not None:
+            plan = plan_regional(regions, encoded, regional, max_sequence_length=length,
+                                 context_dim=self.config.context_dim, device=self.device)
         if match is not None:
             positive, plan = plan_layout(match, encoded, steps=settings.steps, shift=settings.shift,
                                          strength=dense_strength, preset=dense_preset, record_maps=record_maps,
@@ -435,12 +464,13 @@ class Pipeline:
         latents = self._sample(positive, encoded.negative, settings, plan, callback, memory,
                                start(positive.context.shape[0]) if start else None)
         record = self._record(prompt, negative_prompt, settings, layout, length, positive.context.shape[0],
-                              dense_strength, dense_preset, init_image, strength, mask)
-        return self._result(latents, record, plan.maps if plan is not None else None, tuple(encoded.truncated),
-                            memory)
+                              dense_strength, dense_preset, init_image, strength, mask,
+                              (regional, background_prompt) if regional_on else None)
+        return self._result(latents, record, plan.maps if isinstance(plan, DensePlan) else None,
+                            tuple(encoded.truncated), memory)
 
     def _sample(self, positive: Conditioning, negative: Conditioning | None, settings: Settings,
-                dense: DensePlan | None, callback: Callable[[int, Tensor], None] | None,
+                dense: DensePlan | RegionalPlan | None, callback: Callable[[int, Tensor], None] | None,
                 memory: MemoryLog | None, start: ImageStart | None = None) -> Tensor:
         """The sampling stage: the MM-DiT (loaded, or the kept one) runs the loop; the final latents."""
         with measure(memory, "sampling", self.device) as stage:
@@ -465,9 +495,10 @@ class Pipeline:
 
     def _record(self, prompt: str | None, negative_prompt: str, settings: Settings, layout: Layout | None,
                 length: int, count: int, dense_strength: float, dense_preset: str | DenseConfig,
-                init_image=None, strength: float | None = None, mask=None) -> dict:
+                init_image=None, strength: float | None = None, mask=None,
+                regional: tuple[RegionalConfig, str | None] | None = None) -> dict:
         """What made the image, as it goes into the PNG metadata (enough to make it again)."""
-        dense = layout is not None
+        dense = layout is not None and regional is None
         return {
             "model": self.source.label, "variant": self.defaults.variant, "prompt": prompt,
             "negative_prompt": negative_prompt, "prompt_embeds": None, **settings.to_dict(),
@@ -478,11 +509,13 @@ class Pipeline:
             "t5": self.use_t5, "num_images": count,
             **({"weights": self.weights} if self.weights != "full" else {}),  # "full" records nothing, as before
             **({"loras": lora_records(self.loras)} if self.loras else {}),  # likewise without LoRAs
-            "layout": layout_record(layout) if dense else None,
+            "layout": layout_record(layout) if layout is not None else None,
             "dense_strength": dense_strength if dense else None,
             "dense_preset": (dense_preset if isinstance(dense_preset, str) else asdict(dense_preset)) if dense else None,
             **({"init_image": _name(init_image), "strength": strength} if init_image is not None else {}),
             **({"mask": _name(mask)} if mask is not None else {}),
+            **({"layout_method": "regional", "regional": asdict(regional[0]), "background_prompt": regional[1]}
+               if regional is not None else {}),  # a DenseDiffusion record keeps its keys as before
         }
 
     def _result(self, latents: Tensor, record: dict, maps: AttentionMaps | None, warnings: tuple[str, ...],

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dense import PRESETS  # noqa: E402
+from dense import PRESETS, RegionalConfig  # noqa: E402
 from loaders.checkpoint import OFFLOAD  # noqa: E402
 from loaders.fp8 import WEIGHTS  # noqa: E402
 from loaders.lora import LoRA  # noqa: E402
-from loaders.pipeline import DTYPES, PRESET_KINDS  # noqa: E402
+from loaders.pipeline import DTYPES, LAYOUT_METHODS, PRESET_KINDS  # noqa: E402
 from mmdit.errors import InputError  # noqa: E402
 from samplers import DEFAULT_STRENGTH, SAMPLERS, first_step  # noqa: E402
 
@@ -75,11 +75,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "its own size, rounded down to a multiple of 16)")
     img.add_argument("--strength", type=float, help="how much of the init image is redrawn, in (0, 1] (default 0.6)")
     img.add_argument("--mask", type=Path, help="with --init-image: greyscale mask, white = repaint, black = keep")
-    lay = p.add_argument_group("layout control (DenseDiffusion)")
+    lay = p.add_argument_group("layout control (DenseDiffusion, or Regional Prompting: docs/layout-control.md)")
     lay.add_argument("--layout", type=Path, help="layout JSON: a phrase per region (mask or box)")
+    lay.add_argument("--layout-method", choices=list(LAYOUT_METHODS), default="dense",
+                     help="dense: DenseDiffusion's score edit; regional: each phrase a prompt of its own, masked")
     lay.add_argument("--dense-strength", type=float, default=1.0, help="modulation strength (0: off, maps still recorded)")
     lay.add_argument("--dense-preset", choices=list(PRESETS), default="faithful")
     lay.add_argument("--attention-maps", type=Path, help="write per-phrase attention maps and stats.json here")
+    regional = RegionalConfig()
+    lay.add_argument("--base-ratio", type=float, help="regional: the base prompt's share β of the image tokens' "
+                     f"attention, in [0, 1] (default {regional.base_ratio})")
+    lay.add_argument("--inject-steps", type=int, help="regional: the first steps that use the regional prompts "
+                     f"(default {regional.inject_steps}; 0: off)")
+    lay.add_argument("--inject-interval", type=int, help="regional: mask the blocks k with k %% interval == 0 "
+                     f"(default {regional.inject_interval}: every block)")
+    lay.add_argument("--background-prompt", help="regional: the prompt of the tokens in no worded region (default: "
+                     "the layout's \"background\", else the empty prompt)")
     run = p.add_argument_group("run and output")
     run.add_argument("--dtype", choices=list(DTYPES), default="float32")
     run.add_argument("--compile", action="store_true", help="torch.compile the MM-DiT's blocks (the first image "
@@ -119,10 +130,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--dense-strength must be >= 0")
     if args.layout and args.prompt_embeds:
         p.error("--layout needs the prompt text (--prompt), not --prompt-embeds")
+    regional_flags = [f for f in ("base_ratio", "inject_steps", "inject_interval", "background_prompt")
+                      if getattr(args, f) is not None]
+    if regional_flags and args.layout_method != "regional":
+        p.error(f"--{regional_flags[0].replace('_', '-')} is a Regional Prompting setting: add --layout-method regional")
+    if args.layout_method == "regional" and args.attention_maps:
+        p.error("--attention-maps records DenseDiffusion's maps; it does not go with --layout-method regional")
     if args.attention_maps and not args.layout:
         p.error("--attention-maps needs a --layout (its regions and phrases are what is measured); "
                 "for a baseline without modulation add --dense-strength 0")
     return args
+
+
+def _regional(args: argparse.Namespace) -> dict:
+    """The Regional Prompting keywords of a `Pipeline` call (none for DenseDiffusion)."""
+    if args.layout_method != "regional":
+        return {}
+    given = {f: getattr(args, f) for f in ("base_ratio", "inject_steps", "inject_interval") if getattr(args, f) is not None}
+    return dict(layout_method="regional", regional=RegionalConfig(**given), background_prompt=args.background_prompt)
 
 
 def _lora(text: str) -> LoRA:
@@ -282,6 +307,7 @@ def run(args: argparse.Namespace, say) -> int:
         call = dict(negative_prompt=job.negative_prompt, seed=job.seed, num_images=args.num_images,
                     max_sequence_length=args.max_sequence_length, dense_strength=args.dense_strength,
                     dense_preset=args.dense_preset, record_maps=args.attention_maps is not None,
+                    **_regional(args),
                     callback=(lambda i, x: bar.update(1)) if bar else None, memory=memory,
                     init_image=args.init_image, strength=args.strength, mask=args.mask, **options)
         if conditioning is not None:

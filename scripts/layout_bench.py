@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from scripts import shapes  # noqa: E402
-from dense import PRESETS, DenseConfig, Layout, Region, region_masks  # noqa: E402
+from dense import PRESETS, DenseConfig, Layout, Region, RegionalConfig, region_masks  # noqa: E402
 from dense.schedule import active_steps  # noqa: E402
 from loaders.pipeline import Pipeline, decode_images, denoiser  # noqa: E402
 from loaders.text import encode_prompts  # noqa: E402
@@ -58,6 +58,11 @@ class Case:
     kinds: tuple[tuple[str, str], ...]  # (colour, shape) per region, in region order
     layout: Layout
     seed: int
+
+    @property
+    def masks(self) -> bool:
+        """The regions are disc masks (every fourth case), not boxes."""
+        return self.layout.regions[0].mask is not None
 
     @property
     def boxes(self) -> list[tuple[float, float, float, float]]:
@@ -77,15 +82,15 @@ def disc_mask(box: tuple[float, float, float, float], size: int) -> torch.Tensor
     return (c[None, :] - cx) ** 2 + (c[:, None] - cy) ** 2 < r**2
 
 
-def make_cases(count: int, seed: int, size: int = shapes.SIZE) -> list[Case]:
+def make_cases(count: int, seed: int, size: int = shapes.SIZE, box_cells: int = BOX_CELLS) -> list[Case]:
     rng = random.Random(seed)
-    grid, side = size // CELL, BOX_CELLS * CELL
+    grid, side = size // CELL, box_cells * CELL
     cases = []
     for i in range(count):
         n = 2 + i % 2  # 2 and 3 objects, alternating
         kinds = rng.sample(shapes.all_kinds(), n)
         while True:  # regions on the token grid, one token apart
-            cells = [(rng.randrange(grid - BOX_CELLS + 1), rng.randrange(grid - BOX_CELLS + 1)) for _ in kinds]
+            cells = [(rng.randrange(grid - box_cells + 1), rng.randrange(grid - box_cells + 1)) for _ in kinds]
             boxes = [(cx * CELL, cy * CELL, cx * CELL + side, cy * CELL + side) for cx, cy in cells]
             if all(not shapes._overlaps(a, b, CELL) for j, a in enumerate(boxes) for b in boxes[j + 1 :]):
                 break
@@ -111,6 +116,7 @@ class Method:
     preset: str | DenseConfig | None = None  # None: no layout
     strength: float = 1.0
     blend: bool = False  # the baseline: per-region blending of phrase-only velocities
+    regional: RegionalConfig | None = None  # Regional Prompting instead of DenseDiffusion (background prompt "")
 
 
 # The preset the README recommends for this model, measured below (tests/test_builtin_model.py checks it).
@@ -128,6 +134,16 @@ def methods(ablations: bool) -> list[Method]:
                 Method("faithful, fraction 0.5", replace(f, fraction=0.5)),
                 Method("faithful, power 2", replace(f, power=2.0))]
     return out
+
+
+def head_to_head() -> list[Method]:
+    """DenseDiffusion's presets against Regional Prompting at the upstream examples' settings (β 0.3, 10 inject
+    steps, every block) and around them."""
+    regional = [Method("regional", regional=RegionalConfig()),
+                *(Method(f"regional β={b:g}", regional=RegionalConfig(base_ratio=b)) for b in (0.1, 0.6)),
+                *(Method(f"regional {k} steps", regional=RegionalConfig(inject_steps=k)) for k in (5, 20)),
+                Method("regional interval 2", regional=RegionalConfig(inject_interval=2))]
+    return [Method("no layout"), *(Method(p, p) for p in ("faithful", "linear", "joint", "hard")), *regional]
 
 
 def blend_latents(pipe: Pipeline, case: Case, fraction: float = 0.3) -> torch.Tensor:
@@ -169,6 +185,10 @@ def blend_latents(pipe: Pipeline, case: Case, fraction: float = 0.3) -> torch.Te
 def generate(pipe: Pipeline, case: Case, method: Method) -> np.ndarray:
     if method.blend:
         return decode_images(pipe.autoencoder(), blend_latents(pipe, case))[0].numpy()
+    if method.regional is not None:
+        result = pipe(case.caption, layout=case.layout, seed=case.seed, layout_method="regional",
+                      regional=method.regional, background_prompt="")
+        return np.asarray(result.images[0])
     layout = case.layout if method.preset is not None else None
     result = pipe(case.caption, layout=layout, seed=case.seed, dense_strength=method.strength,
                   dense_preset=method.preset or "faithful")
@@ -205,10 +225,11 @@ def summarise(scores: list[dict], seconds: list[float]) -> dict:
     }
 
 
-def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print) -> dict:
+def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print, partial=None) -> dict:
     """Every method on every case, case by case: on each case the methods run in turn, so a slower or faster
     stretch of the run (another process, the clock) falls on every method alike and the time ratios compare
-    like with like (method by method, a slow stretch once made the best preset look 1.26x no layout: README)."""
+    like with like (method by method, a slow stretch once made the best preset look 1.26x no layout: README).
+    `partial(results)`, if given, gets the figures of the cases done so far every 25 cases."""
     scores: dict[str, list[dict]] = {m.name: [] for m in chosen}
     seconds: dict[str, list[float]] = {m.name: [] for m in chosen}
     images: dict[str, list[np.ndarray]] = {m.name: [] for m in chosen}
@@ -221,12 +242,22 @@ def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print
             images[method.name].append(image)
         if (i + 1) % 25 == 0 and i + 1 < len(cases):
             say(f"{i + 1}/{len(cases)} cases")
+            if partial is not None:
+                partial(_results(chosen, cases[: i + 1], scores, seconds, images, lambda *a: None))
+    return _results(chosen, cases, scores, seconds, images, say)
+
+
+def _results(chosen: list[Method], cases: list[Case], scores: dict, seconds: dict, images: dict, say) -> dict:
     results = {}
     for method in chosen:
         s, t = scores[method.name], seconds[method.name]
         by_count = {n: summarise([x for x, c in zip(s, cases) if len(c.kinds) == n],
                                  [y for y, c in zip(t, cases) if len(c.kinds) == n]) for n in (2, 3)}
-        results[method.name] = r = {**summarise(s, t), "by_objects": by_count, "images_": images[method.name]}
+        by_region = {kind: summarise([x for x, c in zip(s, cases) if c.masks == (kind == "mask")],
+                                     [y for y, c in zip(t, cases) if c.masks == (kind == "mask")])
+                     for kind in ("box", "mask")}
+        results[method.name] = r = {**summarise(s, t), "by_objects": by_count, "by_region": by_region,
+                                    "images_": images[method.name]}
         say(f"{method.name:32s} in-box {r['in_box']:.3f}  colour in-box {r['colour_in_box']:.3f}  IoU {r['iou']:.3f}  present {r['present']:.3f}  "
             f"unnamed {r['unnamed']:.3f}  {r['seconds']:.2f} s/image")
     base = results[chosen[0].name]["seconds"]
@@ -311,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", action="store_true", help="measure text-to-image alone instead of layouts")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--head-to-head", action="store_true",
+                   help="DenseDiffusion's presets against Regional Prompting (docs/layout-control.md) instead")
+    p.add_argument("--box-cells", type=int, default=BOX_CELLS, help="region side in image tokens (default 3)")
+    p.add_argument("--methods", help="only these methods (comma-separated names, as the table prints them)")
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--grid", type=Path, help="write a picture grid (cases x methods) here")
     p.add_argument("--overwrite", action="store_true")
@@ -332,17 +367,31 @@ def main(argv: list[str] | None = None) -> int:
             args.grid.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.concatenate(rows, axis=0)).save(args.grid)
     else:
-        cases = make_cases(args.cases, args.seed)
-        chosen = methods(not args.no_ablations)
-        out = run_bench(pipe, cases, chosen)
+        cases = make_cases(args.cases, args.seed, box_cells=args.box_cells)
+        chosen = head_to_head() if args.head_to_head else methods(not args.no_ablations)
+        if args.methods:
+            names = args.methods.split(",")
+            unknown = [n for n in names if n not in {m.name for m in chosen}]
+            if unknown:
+                p.error(f"unknown methods {unknown}; choose from {[m.name for m in chosen]}")
+            chosen = [m for m in chosen if m.name in names]
+        out = run_bench(pipe, cases, chosen, partial=(lambda r: write_json(args.json, pipe, r)) if args.json else None)
         if args.grid:
-            save_grid(args.grid, out, cases, {"no layout": "no layout", "faithful": "faithful", "linear": "linear",
-                                              "joint": "joint", "hard": "hard", "region blend (baseline)": "region blend"})
+            columns = ({"no layout": "no layout", "faithful": "faithful", "linear": "linear", "hard": "hard",
+                        "regional": "regional", "regional β=0.1": "regional β 0.1", "regional 5 steps": "regional 5 st."}
+                       if args.head_to_head else
+                       {"no layout": "no layout", "faithful": "faithful", "linear": "linear", "joint": "joint",
+                        "hard": "hard", "region blend (baseline)": "region blend"})
+            save_grid(args.grid, out, cases, {k: v for k, v in columns.items() if k in out})
     if args.json:
-        strip = lambda d: {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k != "images_"}  # noqa: E731
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"settings": pipe.preset.__dict__, "results": strip(out)}, indent=2, default=str))
+        write_json(args.json, pipe, out)
     return 0
+
+
+def write_json(path: Path, pipe: Pipeline, results: dict) -> None:
+    strip = lambda d: {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k != "images_"}  # noqa: E731
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": pipe.preset.__dict__, "results": strip(results)}, indent=2, default=str))
 
 
 if __name__ == "__main__":

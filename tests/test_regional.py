@@ -126,3 +126,53 @@ def test_schedule_and_context():
 def test_bad_config(bad):
     with pytest.raises(InputError):
         RegionalConfig(**bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In the pipeline, on the built-in model (6 blocks, dual attention in 0-2, CFG 4.5)
+
+LAYOUT = {
+    "prompt": "a blue square and a red circle",
+    "regions": [{"phrase": "a blue square", "box": [0.0, 0.625, 0.375, 1.0]},
+                {"phrase": "a red circle", "box": [0.625, 0.0, 1.0, 0.375]}],
+}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from loaders.pipeline import Pipeline
+
+    return Pipeline.load(keep_loaded=True)
+
+
+def _latents(pipe, **kw):
+    return pipe(seed=3, steps=4, **kw).latents
+
+
+def test_pipeline_exactness(pipe):
+    plain = _latents(pipe, prompt=LAYOUT["prompt"])
+    regional = lambda **c: _latents(pipe, layout=LAYOUT, layout_method="regional",  # noqa: E731
+                                    regional=RegionalConfig(**c))
+    # β = 1: the image rows take only the base pass, so the run is the base prompt's plain one
+    assert torch.equal(regional(base_ratio=1.0, inject_steps=4), plain)
+    # inject steps 0: the regional prompts are never used (nor encoded)
+    assert torch.equal(regional(inject_steps=0), plain)
+    steered = regional(inject_steps=2)
+    assert not torch.equal(steered, plain)  # so the equalities above are not vacuous
+    # with skip-layer guidance (its pass gets the regional prompts too) β = 1 is still the plain run
+    slg = dict(slg_layers=(4,), slg_start=0.0, slg_stop=1.0)
+    assert torch.equal(_latents(pipe, layout=LAYOUT, layout_method="regional",
+                                regional=RegionalConfig(base_ratio=1.0, inject_steps=4), **slg),
+                       _latents(pipe, prompt=LAYOUT["prompt"], **slg))
+
+
+def test_pipeline_records_the_method(pipe):
+    r = pipe(seed=0, steps=2, layout=dict(LAYOUT, background="grey"), layout_method="regional",
+             regional=RegionalConfig(0.2, 1, 2))
+    assert r.record["layout_method"] == "regional" and r.record["dense_strength"] is None
+    assert r.record["regional"] == {"base_ratio": 0.2, "inject_steps": 1, "inject_interval": 2}
+    assert r.record["layout"]["background"] == "grey"
+    with pytest.raises(InputError):
+        pipe(seed=0, steps=2, layout=LAYOUT, layout_method="nope")
+    with pytest.raises(InputError):
+        pipe(seed=0, steps=2, layout=LAYOUT, layout_method="regional", record_maps=True)
