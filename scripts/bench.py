@@ -27,6 +27,10 @@ the schedule's first and strongest step) against our plain step, and measures th
 modulated attention call at `--memory-size` (1024x1024) for several query chunk sizes, each call in a fresh
 process. `--dense-preset none` skips both, `--memory-size 0` the memory part.
 
+Regional Prompting (issue 29): the same run also times a step under it (the same three boxes, each a prompt of its
+own, so the text is 4x as long; an inject step with the mask in every block, the positive half) against our plain
+step. `--no-regional` skips it.
+
 Prints Markdown tables for the README; `--json FILE` writes every timing.
 """
 
@@ -49,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from dense import PRESETS, DenseAttention, DensePlan  # noqa: E402
+from dense import PRESETS, DenseAttention, DensePlan, RegionalAttention  # noqa: E402
 from loaders.pipeline import DTYPES  # noqa: E402
 from mmdit.init import randomize_  # noqa: E402
 
@@ -167,6 +171,7 @@ class Engines:
     context: Tensor  # (B, S, context_dim)
     pooled: Tensor  # (B, pooled_dim)
     dense: DenseAttention | None  # a layout's modulation of the positive half at step 0, if benchmarked
+    regional: tuple[Tensor, RegionalAttention] | None  # Regional Prompting's context and attention, if benchmarked
     ours_compiled: nn.Module | None = None  # as Pipeline.load(compile=True): each joint block compiled
     theirs_compiled: nn.Module | None = None  # torch.compile(transformer)
 
@@ -187,6 +192,10 @@ def make_cases(e: Engines) -> list[Case]:
                           diffusers_step(e.theirs_compiled), reference_name="diffusers compiled"))
     if e.dense is not None:
         cases.append(Case("DenseDiffusion step", lambda: e.ours(e.x, e.t, e.context, e.pooled, dense=e.dense),
+                          plain, reference_name="our plain step", same_output=False))
+    if e.regional is not None:
+        context, regional = e.regional
+        cases.append(Case("Regional Prompting step", lambda: e.ours(e.x, e.t, context, e.pooled, dense=regional),
                           plain, reference_name="our plain step", same_output=False))
     return cases
 
@@ -253,6 +262,19 @@ def dense_plan(size: int, text_tokens: int, preset: str, chunk_size: int | None 
                            sigmas=sigmas(DENSE_STEPS, DENSE_SHIFT).tolist(), num_steps=DENSE_STEPS,
                            shift=DENSE_SHIFT, config=PRESETS[preset])
     return plan if chunk_size is None else replace(plan, chunk_size=chunk_size)
+
+
+def regional_step(shape: Shape, context: Tensor, seed: int) -> tuple[Tensor, RegionalAttention]:
+    """Regional Prompting at an inject step for the three boxes (each phrase its own prompt, random encodings of
+    the base context's length), the mask in every block, the positive half of the batch: (context, attention)."""
+    from dense import RegionalConfig, RegionalPlan, assign_tokens, box_mask, regional_prompts
+
+    phrases = [f"thing {n}" for n in range(len(BOXES))]
+    regions = assign_tokens(torch.stack([box_mask(b, shape.size, shape.size) for b in BOXES]), phrases)
+    encodings = torch.randn(len(BOXES), *context.shape[1:], generator=torch.Generator().manual_seed(seed))
+    plan = RegionalPlan.build(regional_prompts(regions.seg, phrases, ""), encodings, RegionalConfig())
+    positive = slice(shape.batch // 2, shape.batch)
+    return plan.context(context, positive), plan.for_call(0, positive)
 
 
 @dataclass(frozen=True)
@@ -441,7 +463,7 @@ def run_case(case: Case, width: str, dtype: str, repeats: int, warmup: int, wait
 
 def run(
     shape: Shape, dtypes: list[str], repeats: int, warmup: int, wait_idle: float, seed: int,
-    dense_preset: str | None, compile: bool, say: Callable[[str], None],
+    dense_preset: str | None, compile: bool, say: Callable[[str], None], regional: bool = True,
 ) -> list[Result]:
     from diffusers.utils import logging
 
@@ -469,7 +491,11 @@ def run(
                 for block in ours_compiled.joint_blocks:
                     block.compile()  # what Pipeline.load(compile=True) does
                 theirs_compiled = torch.compile(theirs)
-            engines = Engines(ours, theirs, x.to(dtype), t, context.to(dtype), pooled.to(dtype), dense,
+            steered = None
+            if regional:
+                ctx, attention = regional_step(shape, context, seed + 2)
+                steered = ctx.to(dtype), attention
+            engines = Engines(ours, theirs, x.to(dtype), t, context.to(dtype), pooled.to(dtype), dense, steered,
                               ours_compiled, theirs_compiled)
             with torch.inference_mode():
                 for case in make_cases(engines):
@@ -544,6 +570,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense-preset", default="faithful", choices=[*PRESETS, "none"],
                    help="also time a DenseDiffusion-modulated step against our plain one, with this preset "
                         "(default faithful; none: skip)")
+    p.add_argument("--regional", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a Regional Prompting step against our plain one (default; --no-regional skips it)")
     p.add_argument("--memory-size", type=int,
                    help="image size of the modulated attention call whose peak memory is measured "
                         "(default 1024; 128 with --tiny; 0: skip the memory measurement)")
@@ -615,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s.text_tokens} text tokens), batch {s.batch}")
     print(f"{args.repeats} interleaved repeats after {args.warmup} warm-up{', eager and compiled' * args.compile}\n")
     results = [r for s in shapes for r in run(s, args.dtypes, args.repeats, args.warmup, args.wait_idle, args.seed,
-                                              args.dense_preset, args.compile, say)]
+                                              args.dense_preset, args.compile, say, args.regional)]
     print(markdown(results))
     memory = attention_memory(memory_shape, args.memory_chunks, args.dense_preset, say) if memory_shape else []
     if memory:
