@@ -5,10 +5,9 @@ sequence and runs ordinary softmax attention over it; SD3.5 adds RMS normalisati
 paper's §5.3.2 "QK-normalization") to keep the attention logits bounded at scale.
 
 `attention(q, k, v)` is where the scores live. The plain path is one call to
-`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` value (docs/densediffusion.md §6) the positive prompt's
-image queries (and phrase queries, if the preset modulates them) are computed from explicit scores, query chunk
-by query chunk, and the modulation is applied to those scores before the softmax. Module names follow the
-Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
+`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` score edit, the positive prompt's scores are
+edited before the softmax (docs/densediffusion.md §6, §8). Module names follow the Stability checkpoint
+(`attn.qkv`, `attn.ln_q`, ...).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from .fp8 import linear_rows
 
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
-    from dense import DenseAttention
+    from dense import ScoreEdit
 
 
 class RMSNorm(nn.Module):
@@ -74,20 +73,16 @@ def merge_heads(o: Tensor) -> Tensor:
     return rearrange(o, "B H L Dh -> B L (H Dh)")
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, dense: ScoreEdit | None = None) -> Tensor:
     """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) attends over k, v (B, H, L, Dh); the result is (B, H, Lq, Dh).
 
     Lq = L, except in the last block, where only the image tokens (the first Lq) ask.
 
-    With `dense` modulating, the batch rows `dense.rows` (the positive prompt) are computed from explicit
-    float32 scores that DenseDiffusion changes before the softmax (docs/densediffusion.md §6, §8). Only the
-    query rows a rule can touch are explicit (the image tokens, and the text tokens if the preset modulates
-    phrase rows), `dense.chunk_size` at a time, so the extra memory is (rows, H, chunk, L), never the full
-    L × L of every head. Everything else goes through the plain kernel, which computes every batch row and
-    query on its own, so those outputs are bit for bit the plain result (docs/densediffusion.md §9;
-    tests/test_dense_pipeline.py). A `dense` that only records attention maps leaves the whole output plain.
+    With `dense` editing, the batch rows `dense.rows` get DenseDiffusion's score edit from explicit float32
+    scores in query chunks; all other rows and queries take the plain kernel, bit for bit (docs/densediffusion.md
+    §8, §9). A `dense` that only records attention maps leaves the whole output plain.
     """
-    if dense is None or not dense.modulating:
+    if dense is None or not dense.editing:
         out = F.scaled_dot_product_attention(q, k, v)
         if dense is not None:  # recording maps only: the probabilities are recomputed for them, aside
             for q0, q1, p in probabilities(q, k, dense):
@@ -96,7 +91,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = No
     B, Lq = q.shape[0], q.shape[2]
     r0, r1, _ = dense.rows.indices(B)
     out = torch.empty_like(q)
-    for plain in (slice(0, r0), slice(r1, B)):  # the rows that are not modulated, if any
+    for plain in (slice(0, r0), slice(r1, B)):  # the rows that are not edited, if any
         if plain.start < plain.stop:
             out[plain] = F.scaled_dot_product_attention(q[plain], k[plain], v[plain])
     rows = slice(r0, r1)
@@ -110,8 +105,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = No
     return out
 
 
-def probabilities(q: Tensor, k: Tensor, dense: DenseAttention) -> Iterator[tuple[int, int, Tensor]]:
-    """(q0, q1, p) per query chunk: p = softmax(modulated float32 scores), (b, H, q1-q0, L), for the batch rows
+def probabilities(q: Tensor, k: Tensor, dense: ScoreEdit) -> Iterator[tuple[int, int, Tensor]]:
+    """(q0, q1, p) per query chunk: p = softmax(edited float32 scores), (b, H, q1-q0, L), for the batch rows
     `dense.rows` and the query rows `dense.explicit_queries` asks for."""
     rows = dense.rows
     n = dense.explicit_queries(q.shape[2])
@@ -121,4 +116,4 @@ def probabilities(q: Tensor, k: Tensor, dense: DenseAttention) -> Iterator[tuple
     for q0 in range(0, n, dense.chunk_size):
         q1 = min(q0 + dense.chunk_size, n)
         s = qr[:, :, q0:q1] @ kt  # (b, H, chunk, L) scaled scores of queries q0..q1
-        yield q0, q1, dense.modulate(s, q0, q1).softmax(-1)
+        yield q0, q1, dense.edit(s, q0, q1).softmax(-1)

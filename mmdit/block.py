@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .attention import SelfAttention, attention, merge_heads
 
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
-    from dense import DenseAttention
+    from dense import ScoreEdit
 
 
 def layer_norm(x: Tensor) -> Tensor:
@@ -99,7 +99,7 @@ class StreamBlock(nn.Module):
         normed = layer_norm(x)
         return Prepared(self.attn.qkv_heads(modulate(normed, mods[0].shift, mods[0].scale)), mods, normed)
 
-    def post_attention(self, x: Tensor, attn_out: Tensor, prep: Prepared, dense: DenseAttention | None) -> Tensor:
+    def post_attention(self, x: Tensor, attn_out: Tensor, prep: Prepared, dense: ScoreEdit | None) -> Tensor:
         """attn_out: this stream's rows of the joint attention output, (B, L, D)."""
         msa, mlp = prep.mods[0], prep.mods[1]
         x = gated_residual(x, msa.gate, self.attn.proj(attn_out))
@@ -135,7 +135,7 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(dim, num_heads, qk_norm, dual=dual)
 
     def forward(
-        self, x: Tensor, c: Tensor, vec: Tensor, dense: DenseAttention | None = None
+        self, x: Tensor, c: Tensor, vec: Tensor, dense: ScoreEdit | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, N, D) image tokens, c (B, S, D) text tokens, vec (B, D) -> updated (x, c); c is None after the last block."""
         px = self.x_block.pre_attention(x, vec)

@@ -30,7 +30,7 @@ from .embed import MLPEmbedder, PatchEmbed, cropped_pos_embed, timestep_frequenc
 from .errors import InputError
 
 if TYPE_CHECKING:
-    from dense import DenseAttention
+    from dense import ScoreEdit
 
     from .streaming import BlockStreamer
 
@@ -150,12 +150,12 @@ class MMDiT(nn.Module):
         context: Tensor,
         pooled: Tensor,
         skip_layers: Sequence[int] = (),
-        dense: DenseAttention | None = None,
+        dense: ScoreEdit | None = None,
     ) -> Tensor:
         """Predict the velocity.
 
         x (B, C, H, W) latents; t (B,) = σ·1000 as float; context (B, S, context_dim); pooled (B, pooled_dim).
-        `skip_layers`: blocks not run at all (skip-layer guidance). `dense`: DenseDiffusion for this call.
+        `skip_layers`: blocks not run at all (skip-layer guidance). `dense`: DenseDiffusion's score edit for this call.
         Returns (B, C_out, H, W).
         """
         p = self.config.patch_size

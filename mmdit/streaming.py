@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 if TYPE_CHECKING:
-    from dense import DenseAttention
+    from dense import ScoreEdit
 
     from .model import MMDiT
 
@@ -50,7 +50,7 @@ class StreamedBlock:
         self.block = block
         self.weights: dict[str, Tensor] | None = weights
 
-    def __call__(self, x: Tensor, c: Tensor, vec: Tensor, dense: DenseAttention | None = None):
+    def __call__(self, x: Tensor, c: Tensor, vec: Tensor, dense: ScoreEdit | None = None):
         weights, self.weights = self.weights, None
         if weights is None:
             raise RuntimeError("a streamed block runs once: its device weights were released after its first call")

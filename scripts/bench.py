@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from dense import PRESETS, DenseAttention, DensePlan  # noqa: E402
+from dense import PRESETS, DensePlan, ScoreEdit  # noqa: E402
 from loaders.pipeline import DTYPES  # noqa: E402
 from mmdit.init import randomize_  # noqa: E402
 
@@ -166,7 +166,7 @@ class Engines:
     t: Tensor  # (B,) sigma * 1000
     context: Tensor  # (B, S, context_dim)
     pooled: Tensor  # (B, pooled_dim)
-    dense: DenseAttention | None  # a layout's modulation of the positive half at step 0, if benchmarked
+    dense: ScoreEdit | None  # a layout's score edit of the positive half at step 0, if benchmarked
     ours_compiled: nn.Module | None = None  # as Pipeline.load(compile=True): each joint block compiled
     theirs_compiled: nn.Module | None = None  # torch.compile(transformer)
 

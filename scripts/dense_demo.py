@@ -4,7 +4,7 @@
     python scripts/dense_demo.py --out docs/dense            (the built-in model; --model for real weights)
 
 Calls `loaders.Pipeline` twice on the same prompt and seed, with strength 0 (maps recorded, nothing
-modulated) and with the given strength, then puts the images and the per-phrase maps side by side in one PNG
+edited) and with the given strength, then puts the images and the per-phrase maps side by side in one PNG
 (top row: without, bottom row: with) and prints each region's in-region fraction.
 """
 

@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     img.add_argument("--mask", type=Path, help="with --init-image: greyscale mask, white = repaint, black = keep")
     lay = p.add_argument_group("layout control (DenseDiffusion)")
     lay.add_argument("--layout", type=Path, help="layout JSON: a phrase per region (mask or box)")
-    lay.add_argument("--dense-strength", type=float, default=1.0, help="modulation strength (0: off, maps still recorded)")
+    lay.add_argument("--dense-strength", type=float, default=1.0, help="score-edit strength (0: off, maps still recorded)")
     lay.add_argument("--dense-preset", choices=list(PRESETS), default="faithful")
     lay.add_argument("--attention-maps", type=Path, help="write per-phrase attention maps and stats.json here")
     run = p.add_argument_group("run and output")
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--layout needs the prompt text (--prompt), not --prompt-embeds")
     if args.attention_maps and not args.layout:
         p.error("--attention-maps needs a --layout (its regions and phrases are what is measured); "
-                "for a baseline without modulation add --dense-strength 0")
+                "for a baseline without the score edit add --dense-strength 0")
     return args
 
 
