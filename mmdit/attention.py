@@ -1,14 +1,8 @@
 """Multi-head attention for the MM-DiT: fused qkv, per-head RMS QK-norm, and the one attention function.
 
-SD3 paper (Esser et al. 2024, "Scaling Rectified Flow Transformers", §4) joins image and text tokens into one
-sequence and runs ordinary softmax attention over it; SD3.5 adds RMS normalisation of q and k per head (the
-paper's §5.3.2 "QK-normalization") to keep the attention logits bounded at scale.
-
-`attention(q, k, v)` is where the scores live. The plain path is one call to
-`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` value (docs/densediffusion.md §6) the positive prompt's
-image queries (and phrase queries, if the preset modulates them) are computed from explicit scores, query chunk
-by query chunk, and the modulation is applied to those scores before the softmax. Module names follow the
-Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
+SD3 (paper §4) runs ordinary softmax attention over the joined image and text tokens; SD3.5 adds RMSNorm of q
+and k per head (paper §5.3.2). `attention` is where the scores live, and where DenseDiffusion edits them.
+Module names follow the Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .fp8 import linear_rows
+from .fp8 import FP8Linear
 
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
     from dense import DenseAttention
@@ -42,11 +36,8 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """The projections of one stream: fused `qkv`, optional per-head `ln_q`/`ln_k`, optional output `proj`.
-
-    The last context block is "pre-only": its text tokens still send queries, keys and values into the joint
-    attention, but their outputs are thrown away, so it has no `proj` (has_proj=False).
-    """
+    """One stream's projections: fused `qkv`, optional per-head `ln_q`/`ln_k`, and the output `proj` (absent in
+    the last block's text stream, whose output nothing reads)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, has_proj: bool = True):
         super().__init__()
@@ -65,9 +56,20 @@ class SelfAttention(nn.Module):
 
     def kv_heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, D) -> k, v each (B, H, L, Dh): for tokens that are only attended to, never attend."""
-        kv = linear_rows(self.qkv, x, self.qkv.in_features)  # the k and v rows of the fused weight
+        kv = linear_rows(self.qkv, x, self.qkv.in_features)  # (B, L, 2D): the k and v rows of the fused weight
         k, v = rearrange(kv, "B L (K H Dh) -> K B H L Dh", K=2, H=self.num_heads)
         return (self.ln_k(k) if self.ln_k is not None else k), v
+
+    def forward(self, x: Tensor, dense: DenseAttention | None = None) -> Tensor:
+        """Self-attention of one stream alone, (B, L, D) -> (B, L, D): MMDiT-X's image-only `attn2`."""
+        q, k, v = self.qkv_heads(x)
+        return self.proj(merge_heads(attention(q, k, v, dense)))
+
+
+def linear_rows(layer: nn.Linear | FP8Linear, x: Tensor, start: int) -> Tensor:
+    """`layer(x)[..., start:]` without computing the outputs before `start` (the k, v rows of a fused qkv)."""
+    weight = layer.dequantized(slice(start, None)) if isinstance(layer, FP8Linear) else layer.weight[start:]
+    return F.linear(x, weight, None if layer.bias is None else layer.bias[start:])
 
 
 def merge_heads(o: Tensor) -> Tensor:
@@ -75,17 +77,9 @@ def merge_heads(o: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | None = None) -> Tensor:
-    """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) attends over k, v (B, H, L, Dh); the result is (B, H, Lq, Dh).
+    """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) over k, v (B, H, L, Dh) -> (B, H, Lq, Dh); Lq < L in the last block.
 
-    Lq = L, except in the last block, where only the image tokens (the first Lq) ask.
-
-    With `dense` modulating, the batch rows `dense.rows` (the positive prompt) are computed from explicit
-    float32 scores that DenseDiffusion changes before the softmax (docs/densediffusion.md §6, §8). Only the
-    query rows a rule can touch are explicit (the image tokens, and the text tokens if the preset modulates
-    phrase rows), `dense.chunk_size` at a time, so the extra memory is (rows, H, chunk, L), never the full
-    L × L of every head. Everything else goes through the plain kernel, which computes every batch row and
-    query on its own, so those outputs are bit for bit the plain result (docs/densediffusion.md §9;
-    tests/test_dense_pipeline.py). A `dense` that only records attention maps leaves the whole output plain.
+    `dense`: DenseDiffusion edits the positive rows' scores before the softmax (docs/densediffusion.md).
     """
     if dense is None or not dense.modulating:
         out = F.scaled_dot_product_attention(q, k, v)
