@@ -1,13 +1,8 @@
 """Multi-head attention for the MM-DiT: fused qkv, per-head RMS QK-norm, and the one attention function.
 
-SD3 paper (Esser et al. 2024, "Scaling Rectified Flow Transformers", §4) joins image and text tokens into one
-sequence and runs ordinary softmax attention over it; SD3.5 adds RMS normalisation of q and k per head (the
-paper's §5.3.2 "QK-normalization") to keep the attention logits bounded at scale.
-
-`attention(q, k, v)` is where the scores live. The plain path is one call to
-`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` score edit, the positive prompt's scores are
-edited before the softmax (docs/densediffusion.md §6, §8). Module names follow the Stability checkpoint
-(`attn.qkv`, `attn.ln_q`, ...).
+SD3 (paper §4) runs ordinary softmax attention over the joined image and text tokens; SD3.5 adds RMSNorm of q
+and k per head (paper §5.3.2). `attention` is where the scores live, and where DenseDiffusion edits them.
+Module names follow the Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .fp8 import linear_rows
+from .fp8 import FP8Linear
 
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
     from dense import ScoreEdit
@@ -41,11 +36,8 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """The projections of one stream: fused `qkv`, optional per-head `ln_q`/`ln_k`, optional output `proj`.
-
-    The last context block is "pre-only": its text tokens still send queries, keys and values into the joint
-    attention, but their outputs are thrown away, so it has no `proj` (has_proj=False).
-    """
+    """One stream's projections: fused `qkv`, optional per-head `ln_q`/`ln_k`, and the output `proj` (absent in
+    the last block's text stream, whose output nothing reads)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, has_proj: bool = True):
         super().__init__()
@@ -64,9 +56,20 @@ class SelfAttention(nn.Module):
 
     def kv_heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, D) -> k, v each (B, H, L, Dh): for tokens that are only attended to, never attend."""
-        kv = linear_rows(self.qkv, x, self.qkv.in_features)  # the k and v rows of the fused weight
+        kv = linear_rows(self.qkv, x, self.qkv.in_features)  # (B, L, 2D): the k and v rows of the fused weight
         k, v = rearrange(kv, "B L (K H Dh) -> K B H L Dh", K=2, H=self.num_heads)
         return (self.ln_k(k) if self.ln_k is not None else k), v
+
+    def forward(self, x: Tensor, dense: ScoreEdit | None = None) -> Tensor:
+        """Self-attention of one stream alone, (B, L, D) -> (B, L, D): MMDiT-X's image-only `attn2`."""
+        q, k, v = self.qkv_heads(x)
+        return self.proj(merge_heads(attention(q, k, v, dense)))
+
+
+def linear_rows(layer: nn.Linear | FP8Linear, x: Tensor, start: int) -> Tensor:
+    """`layer(x)[..., start:]` without computing the outputs before `start` (the k, v rows of a fused qkv)."""
+    weight = layer.dequantized(slice(start, None)) if isinstance(layer, FP8Linear) else layer.weight[start:]
+    return F.linear(x, weight, None if layer.bias is None else layer.bias[start:])
 
 
 def merge_heads(o: Tensor) -> Tensor:
@@ -74,13 +77,9 @@ def merge_heads(o: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dense: ScoreEdit | None = None) -> Tensor:
-    """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) attends over k, v (B, H, L, Dh); the result is (B, H, Lq, Dh).
+    """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) over k, v (B, H, L, Dh) -> (B, H, Lq, Dh); Lq < L in the last block.
 
-    Lq = L, except in the last block, where only the image tokens (the first Lq) ask.
-
-    With `dense` editing, the batch rows `dense.rows` get DenseDiffusion's score edit from explicit float32
-    scores in query chunks; all other rows and queries take the plain kernel, bit for bit (docs/densediffusion.md
-    §8, §9). A `dense` that only records attention maps leaves the whole output plain.
+    `dense`: DenseDiffusion edits the positive rows' scores before the softmax (docs/densediffusion.md).
     """
     if dense is None or not dense.editing:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -91,7 +90,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: ScoreEdit | None = None) -
     B, Lq = q.shape[0], q.shape[2]
     r0, r1, _ = dense.rows.indices(B)
     out = torch.empty_like(q)
-    for plain in (slice(0, r0), slice(r1, B)):  # the rows that are not edited, if any
+    for plain in (slice(0, r0), slice(r1, B)):  # the rows that are not modulated, if any
         if plain.start < plain.stop:
             out[plain] = F.scaled_dot_product_attention(q[plain], k[plain], v[plain])
     rows = slice(r0, r1)
@@ -106,7 +105,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: ScoreEdit | None = None) -
 
 
 def probabilities(q: Tensor, k: Tensor, dense: ScoreEdit) -> Iterator[tuple[int, int, Tensor]]:
-    """(q0, q1, p) per query chunk: p = softmax(edited float32 scores), (b, H, q1-q0, L), for the batch rows
+    """(q0, q1, p) per query chunk: p = softmax(modulated float32 scores), (b, H, q1-q0, L), for the batch rows
     `dense.rows` and the query rows `dense.explicit_queries` asks for."""
     rows = dense.rows
     n = dense.explicit_queries(q.shape[2])

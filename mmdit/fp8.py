@@ -19,7 +19,7 @@ subnormals begin.
 
 Modules are swapped in by name (`use_fp8_linears`) on a model built on the meta device, so the networks
 themselves are written with `nn.Linear` and know nothing of this; the two places that reach into a linear
-layer's weight use `linear_rows` and `compute_dtype` below.
+layer's weight use `compute_dtype` below and `FP8Linear.dequantized` (`mmdit.attention.linear_rows`).
 """
 
 from __future__ import annotations
@@ -120,15 +120,6 @@ class FP8Linear(nn.Module):
 def compute_dtype(layer: nn.Linear | FP8Linear) -> torch.dtype:
     """The dtype a linear layer computes in (for a plain layer, its weight's dtype)."""
     return layer.compute_dtype if isinstance(layer, FP8Linear) else layer.weight.dtype
-
-
-def linear_rows(layer: nn.Linear | FP8Linear, x: Tensor, start: int) -> Tensor:
-    """`layer(x)[..., start:]` without computing the outputs before `start` (the k, v rows of a fused qkv)."""
-    if isinstance(layer, FP8Linear):
-        weight = layer.dequantized(slice(start, None))
-    else:
-        weight = layer.weight[start:]
-    return F.linear(x, weight, None if layer.bias is None else layer.bias[start:])
 
 
 def quantize_linears(module: nn.Module, *, per_channel: bool = False) -> nn.Module:

@@ -1,16 +1,9 @@
 """The MM-DiT of Stable Diffusion 3 / 3.5 and its configuration, read from the weights.
 
-One class serves every released variant (docs/numerics.md §9.1):
-
-| variant        | depth | D    | QK-norm | image-only attention (MMDiT-X) | position table |
-|----------------|-------|------|---------|--------------------------------|----------------|
-| SD3 Medium     | 24    | 1536 | no      | none                           | 192 x 192      |
-| SD3.5 Medium   | 24    | 1536 | RMS     | blocks 0-12                    | 384 x 384      |
-| SD3.5 Large(+T)| 38    | 2432 | RMS     | none                           | 192 x 192      |
-
-Forward (SD3 paper §4, Fig. 2): patchify + position table -> tokens; t and pooled text -> one vector that
-modulates everything; text tokens through `context_embedder`; `depth` joint blocks; final adaLN + linear;
-unpatchify. The velocity it predicts is v = noise - x0 (rectified flow, paper §2).
+One class serves SD3 Medium, SD3.5 Medium (MMDiT-X) and SD3.5 Large / Large Turbo (docs/numerics.md §9.1).
+Forward (SD3 paper §4, Fig. 2): patchify + position table -> image tokens; t and pooled text -> the vector that
+modulates everything; text tokens through `context_embedder`; the joint blocks; final adaLN + linear; unpatchify.
+It predicts the velocity v = noise - x0 (rectified flow, paper §2).
 """
 
 from __future__ import annotations
@@ -166,9 +159,9 @@ class MMDiT(nn.Module):
         tokens = self.x_embedder(x)  # (B, h*w, D)
         tokens = (tokens + cropped_pos_embed(self.pos_embed, h, w)).to(tokens.dtype)
         vec = self.t_embedder(timestep_frequencies(t).to(pooled.dtype)) + self.y_embedder(pooled)  # (B, D)
-        c = self.context_embedder(context)  # (B, S, D)
+        context = self.context_embedder(context)  # (B, S, D)
         blocks = [block for i, block in enumerate(self.joint_blocks) if i not in skip_layers]
         for block in blocks if self.streamer is None else self.streamer.stream(blocks):
-            tokens, c = block(tokens, c, vec, dense)
+            tokens, context = block(tokens, context, vec, dense)
         out = self.final_layer(tokens, vec)  # (B, h*w, p*p*C)
         return rearrange(out, "B (h w) (p q C) -> B C (h p) (w q)", h=h, p=p, q=p)

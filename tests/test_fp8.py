@@ -27,8 +27,9 @@ from loaders.safetensors import CheckpointError
 from loaders.text import find_text_files
 from loaders.text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
 from loaders.transformer_keys import transformer_from_diffusers, transformer_to_diffusers
+from mmdit.attention import linear_rows
 from mmdit.errors import InputError
-from mmdit.fp8 import FP8Linear, FP8Spec, compute_dtype, dequantize, linear_rows, quantize
+from mmdit.fp8 import FP8Linear, FP8Spec, compute_dtype, dequantize, quantize
 from mmdit.model import MMDiT, MMDiTConfig
 from tests._fixtures import TINY, diffusers_transformer
 from tests.test_text_encoders import hf_t5, hf_t5_config, rel_err, t5_weights, write_t5_folder
