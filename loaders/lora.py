@@ -452,7 +452,7 @@ def _lookup(table: dict[tuple[str, bool], Target], pair: Pair) -> Target | None:
     name, underscored = pair.name, pair.namespace.underscored
     found = table.get((name, underscored))
     if found is None and pair.namespace.names == "transformers":
-        # transformers >= 5.6 saves a bare CLIPTextModel without `text_model.` (cf. text_encoder_keys)
+        # transformers >= 5.6 saves a bare CLIPTextModel without `text_model.` (cf. text_encoders.clip_state_dict)
         found = table.get((("text_model_" if underscored else "text_model.") + name, underscored))
     return found
 

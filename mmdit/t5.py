@@ -26,7 +26,7 @@ reproduce so a float16 run matches theirs (and never produces inf/NaN):
 2. `from_pretrained(torch_dtype=float16)` keeps every `wo` weight in float32 (`_keep_in_fp32_modules`). The
    feed-forward output is then float32, and adding it promotes the residual stream to float32 from block 0
    on; only the rest (norm outputs, q/k/v/o, wi) runs in float16. The forward below simply follows the
-   dtypes of the weights it is given; `loaders.text_encoder_keys.load_t5` keeps `wo` in float32 for float16.
+   dtypes of the weights it is given; `loaders.text_encoders.load_t5` keeps `wo` in float32 for float16.
 """
 
 from __future__ import annotations
