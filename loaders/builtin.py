@@ -61,8 +61,7 @@ def clip_configs(max_positions: int = CLIP_TOKENS) -> tuple[CLIPConfig, CLIPConf
 T5 = T5Config(vocab_size=T5_VOCAB_SIZE, d_model=T5_WIDTH, d_ff=512, num_layers=2, num_heads=4, d_kv=64, num_buckets=32)
 
 # Tuned on the trained model (README, "The built-in model"); 16 T5 tokens hold the longest caption of its world.
-PRESET = Preset(steps=20, cfg=4.5, shift=3.0, slg_layers=(), slg_scale=2.8, slg_start=0.01, slg_stop=0.2,
-                max_sequence_length=16)
+PRESET = Preset(steps=20, cfg=4.5, shift=3.0, max_sequence_length=16)
 SIZE = 128  # the only image size it was trained at (8x8 latent patches)
 
 

@@ -21,8 +21,8 @@ from mmdit.errors import InputError
 from mmdit.model import MMDiT, MMDiTConfig
 from mmdit.vae import VAE, decode, encode, to_uint8
 from samplers import (
-    DEFAULT_STRENGTH, PRESETS, REFERENCE_PRESETS, Denoiser, Guidance, Inpaint, ModelCall, Preset, first_step,
-    initial_noise, noised, sample, sigmas,
+    DEFAULT_SAMPLER, DEFAULT_STRENGTH, IMAGE_SIZE, PRESETS, REFERENCE_PRESETS, SLG_SCALE, SLG_START, SLG_STOP, Denoiser,
+    Guidance, Inpaint, ModelCall, Preset, first_step, initial_noise, noised, sample, sigmas,
 )
 
 from .checkpoint import Checkpoint, check_offload, load_transformer, load_vae, locate, transformer_config, variant
@@ -55,13 +55,13 @@ class Settings:
     cfg: float
     shift: float
     seed: int = 0
-    height: int = 1024
-    width: int = 1024
+    height: int = IMAGE_SIZE
+    width: int = IMAGE_SIZE
     slg_layers: tuple[int, ...] = ()
-    slg_scale: float = 2.8
-    slg_start: float = 0.01
-    slg_stop: float = 0.2
-    sampler: str = "euler"  # or "dpmpp_2m" (samplers.SAMPLERS)
+    slg_scale: float = SLG_SCALE
+    slg_start: float = SLG_START
+    slg_stop: float = SLG_STOP
+    sampler: str = DEFAULT_SAMPLER  # one of samplers.SAMPLERS
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides) -> Settings:
@@ -198,8 +198,8 @@ def model_defaults(source: ModelSource, checkpoint: Checkpoint, config: MMDiTCon
         note = (f"{checkpoint.name} has the {name} architecture with {config.depth} blocks instead of the "
                 f"release's; its skip-layer guidance (blocks {list(preset.slg_layers)}) is off unless you choose "
                 "blocks (--slg-layers)")
-        return ModelDefaults(name, replace(preset, slg_layers=()), 1024, note)
-    return ModelDefaults(name, preset, 1024)
+        return ModelDefaults(name, replace(preset, slg_layers=()), IMAGE_SIZE, note)
+    return ModelDefaults(name, preset, IMAGE_SIZE)
 
 
 @dataclass(frozen=True, eq=False)
