@@ -1,4 +1,5 @@
-"""Rectified-flow sampling for SD3 / SD3.5: schedule, guidance, Euler and DPM-Solver++(2M) steps, the loop (pure functions)."""
+"""Rectified-flow sampling for SD3 / SD3.5 (pure functions): schedule, guidance, Euler and DPM-Solver++(2M) steps,
+the loop."""
 
 from __future__ import annotations
 
