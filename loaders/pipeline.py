@@ -281,7 +281,7 @@ class Pipeline:
     has been used, so repeated calls read nothing from disk.
     `offload="blocks"` keeps the MM-DiT's joint blocks in CPU memory and streams them to the device as they run
     (`mmdit.streaming`); `t5_device` runs T5 elsewhere (e.g. "cpu"), in `dtype`. Neither changes the numbers
-    on a CPU-only machine (tests/test_memory.py); README "Memory" says when they help.
+    on a CPU-only machine (tests/test_memory.py); docs/performance.md says when they help.
     `weights="fp8"` keeps the MM-DiT's and T5's linear layers in float8 with a per-tensor scale, computed in
     `dtype` (`loaders.fp8`); ComfyUI's scaled-float8 files load with either setting.
     `loras`: LoRA files (`loaders.lora`) merged into the MM-DiT and the CLIP encoders each time they load.
@@ -315,14 +315,13 @@ class Pipeline:
              loras: Sequence[LoRA | str | Path | tuple[str | Path, float]] = (),
              preset: str = "diffusers", vae_dtype: torch.dtype | None = None, compile: bool = False) -> Pipeline:
         """`model` is what `--model` takes (None: the built-in model). `vae_dtype`: the VAE's own dtype (None:
-        `dtype`, as diffusers runs it); float32 for CPUs whose 16-bit convolutions are slow (README "Speed": on
-        ours bfloat16 is the faster). `preset`: "diffusers" (default settings,
-        Euler) or "reference" (Stability's reference settings and DPM-Solver++(2M); see `model_defaults`).
-        `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string spelt as `--lora PATH[:SCALE]`, or a
-        (path, scale) pair; their MM-DiT keys are checked here, before any weight is read, their CLIP keys when
-        the encoders load. `compile`: `torch.compile` each joint block of the MM-DiT when it loads; the first call
-        of each block shape compiles (minutes at full size), later ones run the compiled kernels. The outputs differ
-        from eager ones by rounding only (README "Speed")."""
+        `dtype`, as diffusers runs it); float32 for CPUs whose 16-bit convolutions are slow (docs/performance.md).
+        `preset`: "diffusers" (default settings, Euler) or "reference" (Stability's reference settings and
+        DPM-Solver++(2M); see `model_defaults`). `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string
+        spelt as `--lora PATH[:SCALE]`, or a (path, scale) pair; their MM-DiT keys are checked here, before any
+        weight is read, their CLIP keys when the encoders load. `compile`: `torch.compile` each joint block of the
+        MM-DiT when it loads; the first call of each block shape compiles, later ones run the compiled kernels,
+        whose outputs differ from eager ones by rounding only (docs/performance.md)."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         check_offload(offload)
         check_weights(weights)
