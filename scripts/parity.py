@@ -391,7 +391,7 @@ def architecture(checkpoint: Checkpoint, files: TextFiles | None, *, vae: bool,
     the VAE when `vae`, the text encoders when `files` (the text rows run), each the configuration the loader
     would build (`transformer_config`, `vae_config`, `clip_config`, `t5_config`)."""
     from loaders.checkpoint import transformer_config, vae_config
-    from loaders.text_encoder_keys import clip_config, t5_config
+    from loaders.text_encoders import clip_config, t5_config
 
     configs: dict[str, object] = {"MM-DiT": transformer or transformer_config(checkpoint)}
     if vae:  # `has_encoder` set True: only the decoder runs here, so a decoder-only file still fits AutoencoderKL
@@ -472,7 +472,7 @@ def reference_clip(where: EncoderFile, activation: str, setup: Setup) -> torch.n
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from loaders.safetensors import load_weights
-    from loaders.text_encoder_keys import clip_config, clip_state_dict
+    from loaders.text_encoders import clip_config, clip_state_dict
 
     if where.path.is_dir():
         model = CLIPTextModelWithProjection.from_pretrained(where.path, torch_dtype=setup.dtype)
@@ -499,7 +499,7 @@ def reference_t5(where: EncoderFile, setup: Setup) -> torch.nn.Module:
     from transformers import T5EncoderModel
 
     from loaders.safetensors import load_weights
-    from loaders.text_encoder_keys import t5_config, t5_state_dict
+    from loaders.text_encoders import t5_config, t5_state_dict
 
     if where.path.is_dir():
         return T5EncoderModel.from_pretrained(where.path, torch_dtype=setup.dtype).to(setup.device).eval()

@@ -235,7 +235,7 @@ def text_stages(tour: Tour, pipe: Pipeline, prompt: str, negative: str | None, l
     """Tokenization, the three encoders and the assembly, run by the library's `encode_prompts`; the stages
     show its intermediate values (each encoder's own outputs) and the configurations its loaders inferred."""
     from loaders.text import encode_prompts, encode_texts
-    from loaders.text_encoder_keys import clip_config, load_clip, load_t5, t5_config
+    from loaders.text_encoders import clip_config, load_clip, load_t5, t5_config
     from loaders.tokenizers import ClipTokenizer, T5Tokenizer
     from mmdit.clip import CLIPTextModel
     from mmdit.conditioning import assemble, repeat_for_images

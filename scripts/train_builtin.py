@@ -56,7 +56,7 @@ from scripts import shapes  # noqa: E402
 from loaders import builtin  # noqa: E402
 from loaders.builtin_tokenizers import write_builtin_tokenizers  # noqa: E402
 from loaders.text import EncoderFile, TextFiles, encode_prompts  # noqa: E402
-from loaders.text_encoder_keys import load_clip, load_t5  # noqa: E402
+from loaders.text_encoders import load_clip, load_t5  # noqa: E402
 from loaders.tokenizers import ClipTokenizer, T5Tokenizer  # noqa: E402
 from mmdit.clip import CLIPConfig, CLIPTextModel  # noqa: E402
 from mmdit.conditioning import CLIP_TOKENS, assemble  # noqa: E402

@@ -25,7 +25,7 @@ from loaders.fp8 import UnsupportedQuantization
 from loaders.pipeline import Pipeline
 from loaders.safetensors import CheckpointError
 from loaders.text import find_text_files
-from loaders.text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
+from loaders.text_encoders import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
 from loaders.transformer_keys import transformer_from_diffusers, transformer_to_diffusers
 from mmdit.attention import linear_rows
 from mmdit.errors import InputError
