@@ -44,8 +44,8 @@ from .safetensors import CheckpointError, TensorReader, check_fits
 from .transformer_keys import swap_halves
 
 WEIGHTS = ("full", "fp8")
-# One scale per tensor. Per output row was measured too (scripts/fp8_error.py, README "Memory"): on these
-# models it is not clearly better, and one scale per tensor is what ComfyUI's files hold.
+# One scale per tensor. Per output row was measured too (scripts/bench/fp8_error.py, README "Memory"): on
+# these models it is not clearly better, and one scale per tensor is what ComfyUI's files hold.
 PER_CHANNEL = False
 
 MARKER = "scaled_fp8"
