@@ -29,11 +29,13 @@ from mmdit.t5 import T5Config
 from mmdit.vae import VAEConfig
 from samplers import Preset
 
-from .builtin_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE
-
 MODEL_DIR = Path(__file__).resolve().parent / "builtin-model"
 FILE_NAME = "sd3.5_tiny.safetensors"
 
+# The built-in tokenizers' vocabularies (trained by scripts/builtin/tokenizers.py): CLIP 512 byte-level symbols,
+# 486 merges and 2 specials; T5 512 SentencePiece pieces and the 100 <extra_id_k> added on load.
+CLIP_VOCAB_SIZE = 1000
+T5_VOCAB_SIZE = 612
 T5_WIDTH = 256  # the prompt embeddings' width (4096 in the real model)
 TRANSFORMER = MMDiTConfig(
     depth=6, num_heads=2, head_dim=64, pos_embed_max_size=16, context_dim=T5_WIDTH, pooled_dim=64 + 128,
@@ -46,8 +48,9 @@ def clip_configs(max_positions: int = CLIP_TOKENS) -> tuple[CLIPConfig, CLIPConf
     """CLIP-L's and CLIP-G's configs with `max_positions` positions (77 by default, as released).
 
     The training script draws the CLIPs at 77 positions and keeps the first `--clip-length` (16 in the shipped
-    model, whose tokenizers say that model_max_length: `write_builtin_tokenizers(root, clip_length)`); the world's
-    captions take at most 13 CLIP tokens, so the MM-DiT attends over 16 CLIP tokens instead of 77.
+    model, whose tokenizers say that model_max_length: `write_builtin_tokenizers(root, clip_length)` in
+    scripts/builtin/tokenizers.py); the world's captions take at most 13 CLIP tokens, so the MM-DiT attends over 16
+    CLIP tokens instead of 77.
     """
     clip_l = CLIPConfig(vocab_size=CLIP_VOCAB_SIZE, width=64, num_layers=3, num_heads=1, mlp_width=256,
                         max_positions=max_positions, projection_dim=64, activation="quick_gelu")
@@ -69,7 +72,7 @@ def builtin_model() -> Path:
     if not path.is_file():
         raise MissingInputError(
             f"the built-in model is missing: {path} does not exist. It ships with the repository; restore it "
-            "with `git checkout loaders/builtin-model`, or retrain it with `python scripts/train_builtin.py`"
+            "with `git checkout loaders/builtin-model`, or retrain it with `python -m scripts.builtin.train`"
         )
     return path
 

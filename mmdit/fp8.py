@@ -122,22 +122,6 @@ def compute_dtype(layer: nn.Linear | FP8Linear) -> torch.dtype:
     return layer.compute_dtype if isinstance(layer, FP8Linear) else layer.weight.dtype
 
 
-def quantize_linears(module: nn.Module, *, per_channel: bool = False) -> nn.Module:
-    """Every `nn.Linear` of an already loaded `module` replaced, in place, by an `FP8Linear` holding its
-    quantised weight (computing in the dtype the weight had). Returns `module`. Loading a file with
-    `weights="fp8"` gives the same layers without ever holding the whole model in full precision."""
-    for name, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]:
-        q, scale = quantize(layer.weight.detach(), per_channel=per_channel)
-        new = FP8Linear(layer.in_features, layer.out_features, layer.bias is not None,
-                        spec=FP8Spec(layer.weight.dtype, per_channel=per_channel), device=q.device)
-        new.weight.data, new.weight_scale.data = q, scale
-        if layer.bias is not None:
-            new.bias.data = layer.bias.detach()
-        parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name), child, new)
-    return module
-
-
 def use_fp8_linears(module: nn.Module, specs: Mapping[str, FP8Spec]) -> nn.Module:
     """Replace each `nn.Linear` named in `specs` (module paths, e.g. `joint_blocks.0.x_block.attn.qkv`) by an
     `FP8Linear` of the same shape, on the same device (the meta device, before loading). Returns `module`."""

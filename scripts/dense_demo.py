@@ -14,14 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from PIL import Image, ImageDraw
 
-from PIL import Image, ImageDraw  # noqa: E402
-
-from dense import PRESETS  # noqa: E402
-from loaders import Pipeline  # noqa: E402
-from loaders.layout import save_attention_maps  # noqa: E402
-from mmdit.errors import InputError  # noqa: E402
+from dense import PRESETS
+from loaders import Pipeline
+from loaders.layout import save_attention_maps
+from mmdit.errors import InputError
 
 
 def grid(rows: list[list[Path | Image.Image]], labels: list[str], titles: list[str], pad: int = 4,

@@ -23,18 +23,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dense import PRESETS  # noqa: E402
-from loaders.checkpoint import OFFLOAD  # noqa: E402
-from loaders.fp8 import WEIGHTS  # noqa: E402
-from loaders.lora import LoRA  # noqa: E402
-from loaders.pipeline import DTYPES, PRESET_KINDS  # noqa: E402
-from mmdit.errors import InputError  # noqa: E402
-from samplers import DEFAULT_STRENGTH, SAMPLERS, first_step  # noqa: E402
+from dense import PRESETS
+from loaders.checkpoint import OFFLOAD
+from loaders.fp8 import WEIGHTS
+from loaders.lora import LoRA
+from loaders.pipeline import DTYPES, PRESET_KINDS
+from mmdit.errors import InputError
+from samplers import DEFAULT_STRENGTH, SAMPLERS, first_step
 
 TEMPLATE = "out/{index:04d}.png"  # --out for --prompts when none is given
 

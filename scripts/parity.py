@@ -53,7 +53,7 @@ rounding is 4e-3 / 5e-4 of a value, and two correct engines that round in a diff
 q/k/v, other kernels) each land about one "precision noise" away from the float32 result. Measured on random
 transformers of SD3.5-Medium width (24 heads of 64, CPU): bfloat16 vs float32 1.0e-2 (4 blocks) and 1.1e-2
 (12 blocks), ours vs diffusers 0; float16 vs float32 4.3e-3 / 5.5e-3, ours vs diffusers 4.9e-3 / 5.8e-3
-(4 / 12 blocks); scripts/bench.py's SD3.5-Large-width check, ours vs diffusers in bfloat16: 6.2e-3. The bounds
+(4 / 12 blocks); scripts/bench/bench.py's SD3.5-Large-width check, ours vs diffusers in bfloat16: 6.2e-3. The bounds
 are 3-5x those, for deeper models and GPU kernels. A wrong key or formula (swapped shift/scale, a missing norm)
 gives differences of 1e-1 to 1; a slightly-off weight can hide inside the reduced-precision bounds, so check
 float32 first.
@@ -76,13 +76,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from loaders.memory import release_memory  # noqa: E402
-from loaders.pipeline import DTYPES  # noqa: E402
-from mmdit.errors import InputError  # noqa: E402
+from loaders.memory import release_memory
+from loaders.pipeline import DTYPES
+from mmdit.errors import InputError
 
 if TYPE_CHECKING:
     from loaders.checkpoint import Checkpoint

@@ -12,7 +12,7 @@ is run through the steps of `JointBlock.forward` (modulation, attention, gated r
 the block's `forward`. The `module:function` names are read off the objects that ran, so they follow the code.
 
 With --save DIR it also writes DIR/tour.md, a page that ties it together, with the pictures beside it: latent
-previews after every step (through the fixed linear latent-to-RGB map of `mmdit.latent_preview`), the
+previews after every step (through the fixed linear latent-to-RGB map of `scripts/preview.py`), the
 attention picture and the decoded image. Default: the built-in tiny model, trained on a world of coloured shapes,
 with one of its captions. --model as in generate.py.
 """
@@ -28,14 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import numpy as np
+import torch
+from torch import Tensor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from loaders.memory import release_memory  # noqa: E402
-from loaders.pipeline import DTYPES  # noqa: E402
-from mmdit.errors import InputError  # noqa: E402
+from loaders.memory import release_memory
+from loaders.pipeline import DTYPES
+from mmdit.errors import InputError
+
+if __package__:  # imported as `scripts.tour` (the tests)
+    from .preview import latent_preview
+else:  # run as `python scripts/tour.py`: Python looks for imports in this folder first
+    from preview import latent_preview
 
 if TYPE_CHECKING:
     from loaders.pipeline import Pipeline, Settings
@@ -362,7 +366,6 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
     from mmdit.attention import attention, merge_heads
     from mmdit.block import clamp_fp16, gated_residual, layer_norm, modulate
     from mmdit.embed import cropped_pos_embed, timestep_frequencies
-    from mmdit.latent_preview import latent_preview
     from samplers import cfg as cfg_fn
     from samplers import euler_step, initial_noise, sample, shifted, sigmas, slg, slg_active, timesteps
 
@@ -588,7 +591,7 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
          + ", and the latent moves along the line: x ← x + (σ_next - σ)·v, in float32.",
          "The table's velocity is (x_after - x_before)/(σ_next - σ), recovered from the latents the loop hands its "
          "callback; the x0 estimate x - σ·v is where the current line ends. Previews go through the fixed "
-         "latent-to-RGB map (mmdit/latent_preview.py)."),
+         "latent-to-RGB map (scripts/preview.py)."),
         (Table(("step", "σ", "latent std", "max |Δx|", "velocity std", "latent and x0 estimate"), tuple(step_rows)),),
         tuple(pictures),
     ))
@@ -675,7 +678,7 @@ def write_page(tour: Tour, folder: Path, command: str) -> Path:
         + (f"; negative prompt: *{h['negative_prompt']!r}*" if h["negative_prompt"] is not None else "")
         + f". {h['width']}x{h['height']} pixels, {h['steps']} steps, CFG {h['cfg']}, shift {h['shift']}, "
         f"seed {h['seed']}, {h['dtype']} on {h['device']}."
-        + (" The built-in model was trained on a world of coloured shapes (`scripts/train_builtin.py`), so "
+        + (" The built-in model was trained on a world of coloured shapes (`scripts/builtin/train.py`), so "
            "that is all it draws." if h["model"] == "builtin" else ""),
         "",
         "| # | stage | main outputs | code |",

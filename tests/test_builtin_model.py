@@ -1,6 +1,6 @@
 """The trained built-in model draws its world, and layout control moves its objects (small seeded samples).
 
-The full figures come from `scripts/layout_bench.py` (README, "The built-in model"); these tests keep a small,
+The full figures come from `scripts/bench/layout_bench.py` (README, "The built-in model"); these tests keep a small,
 fixed sample of them honest. Images come from the same code and seeds on every run, but another CPU may round
 differently, so each assertion leaves a margin below what was measured here (given in each test).
 """
@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from loaders.pipeline import Pipeline
-from scripts import layout_bench, shapes
+from scripts.bench import layout_bench
+from scripts.builtin import shapes
 from scripts.generate import main as generate
 
 

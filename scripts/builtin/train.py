@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Train the built-in model on the shapes world (`scripts/shapes.py`): `python scripts/train_builtin.py`.
+"""Train the built-in model on the shapes world (`shapes.py` here): `python -m scripts.builtin.train`.
 
 Four stages, each with the project's own modules, each resumable (run the same command again after a stop):
 
@@ -40,30 +39,27 @@ import argparse
 import math
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from scripts import shapes  # noqa: E402
-from loaders import builtin  # noqa: E402
-from loaders.builtin_tokenizers import write_builtin_tokenizers  # noqa: E402
-from loaders.text import EncoderFile, TextFiles, encode_prompts  # noqa: E402
-from loaders.text_encoders import load_clip, load_t5  # noqa: E402
-from loaders.tokenizers import ClipTokenizer, T5Tokenizer  # noqa: E402
-from mmdit.clip import CLIPConfig, CLIPTextModel  # noqa: E402
-from mmdit.conditioning import CLIP_TOKENS, assemble  # noqa: E402
-from mmdit.init import randomize_  # noqa: E402
-from mmdit.model import MMDiT  # noqa: E402
-from mmdit.t5 import T5Encoder  # noqa: E402
-from mmdit.vae import VAE  # noqa: E402
+from loaders import builtin
+from loaders.text import EncoderFile, TextFiles, encode_prompts
+from loaders.text_encoders import load_clip, load_t5
+from loaders.tokenizers import ClipTokenizer, T5Tokenizer
+from mmdit.clip import CLIPConfig, CLIPTextModel
+from mmdit.conditioning import CLIP_TOKENS, assemble
+from mmdit.model import MMDiT
+from mmdit.t5 import T5Encoder
+from mmdit.vae import VAE
+from scripts.builtin import shapes
+from scripts.builtin.tokenizers import write_builtin_tokenizers
+from tests.random_weights import randomize_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
