@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Make the README's DenseDiffusion picture: the image and each phrase's attention map, without and with the layout.
+"""Make the DenseDiffusion pictures of README.md and docs/layout-benchmark.md: the image and each phrase's attention map, without and with the layout.
 
     python scripts/dense_demo.py --out docs/dense            (the built-in model; --model for real weights)
 

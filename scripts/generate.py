@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros in its place, as diffusers does)")
     src.add_argument("--lora", action="append", type=_lora, default=[], metavar="PATH[:SCALE]",
                      help="merge a LoRA (.safetensors: diffusers/PEFT, kohya or ComfyUI keys) at SCALE (default 1); "
-                          "repeatable (README: LoRA)")
+                          "repeatable (docs/lora.md)")
     smp = p.add_argument_group("sampling (defaults: the detected model's preset)")
     smp.add_argument("--steps", type=int)
     smp.add_argument("--cfg", type=float, help="classifier-free guidance scale; <= 1 turns CFG off")
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--vae-dtype", choices=list(DTYPES), help="the VAE's dtype (default: --dtype; float32 helps "
                      "CPUs whose 16-bit convolutions are slow)")
     run.add_argument("--device", help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
-    mem = p.add_argument_group("memory (README: Memory)")
+    mem = p.add_argument_group("memory (docs/performance.md)")
     mem.add_argument("--offload", choices=list(OFFLOAD), default="none",
                      help="blocks: keep the MM-DiT's joint blocks in CPU memory, streamed to the GPU as they run")
     mem.add_argument("--t5-device", help="run T5 on this device instead (e.g. cpu), in --dtype; its output "

@@ -115,7 +115,7 @@ def test_text_frozen_at_text_steps_across_a_resume(tmp_path):
 
 def test_bf16_defaults_to_what_the_cpu_computes_natively(monkeypatch, tmp_path):
     """Without --bf16 / --no-bf16 the autocast follows the CPU: emulated bfloat16 (an AVX2-only CPU) made a step
-    about 15x slower than float32 (README, "The built-in model"), so it is on only where it is native."""
+    about 15x slower than float32 (docs/builtin-model.md), so it is on only where it is native."""
     from scripts.builtin.train import parse_args
 
     work = ["--work", str(tmp_path)]

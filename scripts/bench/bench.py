@@ -26,7 +26,7 @@ the schedule's first and strongest step) against our plain step, and measures th
 modulated attention call at `--memory-size` (1024x1024) for several query chunk sizes, each call in a fresh
 process. `--dense-preset none` skips both, `--memory-size 0` the memory part.
 
-Prints Markdown tables for the README; `--json FILE` writes every timing.
+Prints Markdown tables (docs/performance.md); `--json FILE` writes every timing.
 """
 
 from __future__ import annotations

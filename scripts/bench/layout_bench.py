@@ -109,7 +109,7 @@ class Method:
     blend: bool = False  # the baseline: per-region blending of phrase-only velocities
 
 
-# The preset the README recommends for this model, measured below (tests/test_builtin_model.py checks it).
+# The preset docs/layout-benchmark.md recommends for this model, measured below (tests/test_builtin_model.py checks it).
 BEST = Method("linear", "linear")
 
 
@@ -204,7 +204,7 @@ def summarise(scores: list[dict], seconds: list[float]) -> dict:
 def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print) -> dict:
     """Every method on every case, case by case: on each case the methods run in turn, so a slower or faster
     stretch of the run (another process, the clock) falls on every method alike and the time ratios compare
-    like with like (method by method, a slow stretch once made the best preset look 1.26x no layout: README)."""
+    like with like (method by method, a slow stretch once made the best preset look slower than no layout)."""
     scores: dict[str, list[dict]] = {m.name: [] for m in chosen}
     seconds: dict[str, list[float]] = {m.name: [] for m in chosen}
     images: dict[str, list[np.ndarray]] = {m.name: [] for m in chosen}

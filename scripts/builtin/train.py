@@ -14,16 +14,15 @@ Four stages, each with the project's own modules, each resumable (run the same c
           log-variance is trained to report, instead of a KL term), a penalty that keeps the latents as the
           MM-DiT sees them, (z - shift)·scale with SD3's constants (what a single file implies), at zero mean.
           The variance is not pushed to 1 during training: an encoder asked for that on mostly empty scenes
-          paints a strong fixed pattern over the background (it still paints a weaker one; README, "The
-          built-in model"). A final exact per-channel rescale makes each channel's variance 1.
+          paints a strong fixed pattern over the background (it still paints a weaker one: docs/builtin-model.md). A final exact per-channel rescale makes each channel's variance 1.
 3. latents  `--scenes` random scenes are rendered and encoded once (posterior mean).
 4. dit    the MM-DiT (SD3.5-Medium form: dual attention, QK-norm, 64-wide heads) with SD3's rectified-flow
           objective (Esser et al. 2024, §2 and §3.1): x_t = (1 - t)·x0 + t·ε, target v = ε - x0, t drawn
           logit-normal(0, 1); captions dropped to "" 10% of the time (for CFG); AdamW with warm-up and cosine
           decay; an exponential moving average of the weights is what gets shipped. `--bf16` runs its forward
           and backward under bfloat16 autocast; weights, optimiser state and the average stay float32. It is
-          on by default only where the CPU has bfloat16 arithmetic: on an AVX2-only CPU a step of the shipped
-          recipe took 6.1 s under autocast against 0.40 s in float32 (README, "The built-in model").
+          on by default only where the CPU has bfloat16 arithmetic (elsewhere autocast emulates it, many times
+          slower than float32).
           `--train-text` (the default) trains the three text encoders with it, end to end, on the same loss
           (`TextTower` says why), for the first `--text-steps` steps; then they are frozen and every caption
           encoded once with them, which makes the remaining steps about 1.3x faster. They are exported in place of
@@ -221,8 +220,7 @@ class TextTower(nn.Module):
     Why train them: frozen random encoders give each word a fixed vector, but nothing ties a colour to the
     shape that follows it (T5 has no absolute positions; CLIP mixes the earlier words at random). The MM-DiT
     trained on them drew the named colours and the named shapes but bound them at random: with two objects
-    of different shapes, a named colour's object had its own shape as often as the other object's (README,
-    "The built-in model"). Trained end to end, the encoders can put each colour into its shape's token.
+    of different shapes, a named colour's object had its own shape as often as the other object's (docs/builtin-model.md). Trained end to end, the encoders can put each colour into its shape's token.
     """
 
     def __init__(self, folder: Path, captions: list[str], clip_length: int, t5_length: int, context_dim: int):
