@@ -6,7 +6,7 @@ positive batch rows, attention calls (blocks) and the recorded steps. F_n, the i
 part of phrase n's total attention that comes from image tokens inside region n: a model blind to the
 layout gives F_n ≈ a_n (the region's area), layout control should push it up.
 
-`AttentionMaps` is the one mutable object of the package: `DenseAttention.record` adds into it during
+`AttentionMaps` is the one mutable object of the package: `ScoreEdit.record` adds into it during
 sampling. Writing PNGs and stats.json is the CLI's job.
 """
 

@@ -1,24 +1,20 @@
 """When and how strongly the layout acts during sampling (docs/densediffusion.md §7).
 
-DenseDiffusion modulates only the first 30% of the steps, with a weight (t/1000)^5 that starts near 1
-and decays fast: the layout matters while the composition forms and is released for the details. SD3's
-flow-matching sigmas are shifted (σ = a·u / (1 + (a−1)·u)) toward 1, which would keep the weight high for
-too long, so the weight uses the sigma before the shift, u = σ / (a − (a−1)·σ) ≈ 1 − k/K.
+DenseDiffusion edits only the first 30% of the steps, with a weight that decays fast from near 1: the layout
+matters while the composition forms and is released for the details. The weight reads the sigma before SD3's
+time shift (`samplers.schedule.unshifted`), so its decay does not depend on the model's shift.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from samplers.schedule import unshifted
+
 
 def active_steps(num_steps: int, fraction: float = 0.3) -> int:
-    """How many leading steps are modulated: Python's round(fraction·K) (3 of 10, 8 of 28, 15 of 50)."""
+    """How many leading steps are edited: Python's round(fraction·K) (3 of 10, 8 of 28, 15 of 50)."""
     return round(fraction * num_steps)
-
-
-def unshifted_sigma(sigma: float, shift: float) -> float:
-    """Undo the scheduler's time shift: u = σ / (a − (a−1)·σ)."""
-    return sigma / (shift - (shift - 1.0) * sigma)
 
 
 def step_lambdas(
@@ -33,4 +29,4 @@ def step_lambdas(
     if len(sigmas) < num_steps:
         raise ValueError(f"need a sigma for each of the {num_steps} steps, got {len(sigmas)}")
     n = active_steps(num_steps, fraction)
-    return tuple(strength * unshifted_sigma(float(sigmas[k]), shift) ** power for k in range(n))
+    return tuple(strength * unshifted(float(sigmas[k]), shift) ** power for k in range(n))

@@ -2,18 +2,16 @@
 
 It exists so that every command runs on a fresh machine with no download and no access token, and draws
 something a person can check: 128x128 scenes of one to three circles, squares and triangles in red, green,
-blue and yellow on grey, from captions such as "a red circle and a blue square". `scripts/train_builtin.py`
-trains it (on two CPU cores, in about an hour and a half); `scripts/shapes.py` is its world and detector. The
-files are committed, laid out as Stability ships SD3.5, and read where they are by the ordinary loaders:
+blue and yellow on grey, from captions such as "a red circle and a blue square". The files are committed, laid
+out as Stability ships SD3.5, and read where they are by the ordinary loaders:
 
     builtin-model/sd3.5_tiny.safetensors         MM-DiT (model.diffusion_model.*, float16) + VAE (first_stage_model.*)
     builtin-model/text_encoders/clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors
     builtin-model/tokenizer/, tokenizer_2/, tokenizer_3/   (trained by the project on a built-in text)
 
 Widths are tiny, but every head is 64 wide, as in the released models, so the same shape-based config
-inference loads it with no extra information. The text encoders started from random (seeded) weights and were
-trained with the MM-DiT, end to end, for its first 3,000 steps, then frozen (`scripts/train_builtin.py
---train-text --text-steps`): frozen random ones left colours and shapes unbound (README, "The built-in model").
+inference loads it with no extra information. How it is trained (`python -m scripts.builtin.train`, its world
+and detector in scripts/builtin/shapes.py) and what it can do: docs/builtin-model.md.
 """
 
 from __future__ import annotations
@@ -31,11 +29,13 @@ from mmdit.t5 import T5Config
 from mmdit.vae import VAEConfig
 from samplers import Preset
 
-from .builtin_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE
-
 MODEL_DIR = Path(__file__).resolve().parent / "builtin-model"
 FILE_NAME = "sd3.5_tiny.safetensors"
 
+# The built-in tokenizers' vocabularies (trained by scripts/builtin/tokenizers.py): CLIP 512 byte-level symbols,
+# 486 merges and 2 specials; T5 512 SentencePiece pieces and the 100 <extra_id_k> added on load.
+CLIP_VOCAB_SIZE = 1000
+T5_VOCAB_SIZE = 612
 T5_WIDTH = 256  # the prompt embeddings' width (4096 in the real model)
 TRANSFORMER = MMDiTConfig(
     depth=6, num_heads=2, head_dim=64, pos_embed_max_size=16, context_dim=T5_WIDTH, pooled_dim=64 + 128,
@@ -48,8 +48,9 @@ def clip_configs(max_positions: int = CLIP_TOKENS) -> tuple[CLIPConfig, CLIPConf
     """CLIP-L's and CLIP-G's configs with `max_positions` positions (77 by default, as released).
 
     The training script draws the CLIPs at 77 positions and keeps the first `--clip-length` (16 in the shipped
-    model, whose tokenizers say that model_max_length: `write_builtin_tokenizers(root, clip_length)`); the world's
-    captions take at most 13 CLIP tokens, so the MM-DiT attends over 16 CLIP tokens instead of 77.
+    model, whose tokenizers say that model_max_length: `write_builtin_tokenizers(root, clip_length)` in
+    scripts/builtin/tokenizers.py); the world's captions take at most 13 CLIP tokens, so the MM-DiT attends over 16
+    CLIP tokens instead of 77.
     """
     clip_l = CLIPConfig(vocab_size=CLIP_VOCAB_SIZE, width=64, num_layers=3, num_heads=1, mlp_width=256,
                         max_positions=max_positions, projection_dim=64, activation="quick_gelu")
@@ -60,9 +61,8 @@ def clip_configs(max_positions: int = CLIP_TOKENS) -> tuple[CLIPConfig, CLIPConf
 
 T5 = T5Config(vocab_size=T5_VOCAB_SIZE, d_model=T5_WIDTH, d_ff=512, num_layers=2, num_heads=4, d_kv=64, num_buckets=32)
 
-# Tuned on the trained model (README, "The built-in model"); 16 T5 tokens hold the longest caption of its world.
-PRESET = Preset(steps=20, cfg=4.5, shift=3.0, slg_layers=(), slg_scale=2.8, slg_start=0.01, slg_stop=0.2,
-                max_sequence_length=16)
+# Tuned on the trained model (docs/builtin-model.md); 16 T5 tokens hold the longest caption of its world.
+PRESET = Preset(steps=20, cfg=4.5, shift=3.0, max_sequence_length=16)
 SIZE = 128  # the only image size it was trained at (8x8 latent patches)
 
 
@@ -72,7 +72,7 @@ def builtin_model() -> Path:
     if not path.is_file():
         raise MissingInputError(
             f"the built-in model is missing: {path} does not exist. It ships with the repository; restore it "
-            "with `git checkout loaders/builtin-model`, or retrain it with `python scripts/train_builtin.py`"
+            "with `git checkout loaders/builtin-model`, or retrain it with `python -m scripts.builtin.train`"
         )
     return path
 

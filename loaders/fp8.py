@@ -1,31 +1,11 @@
 """float8 weights: ComfyUI's scaled-float8 checkpoints, and 16/32-bit checkpoints quantised while they load.
 
-`weights` (`--weights`, `Pipeline.load(weights=)`) says how the MM-DiT's and T5's weights are held in memory:
-* "full" (the default): every weight in the run's dtype. A float8 file is dequantised as it loads;
-* "fp8": every linear layer of the MM-DiT and of T5 as float8 e4m3fn with one float32 scale per tensor
-  (`mmdit.fp8.FP8Linear`), computing in the run's dtype; the rest (norms, biases, embeddings, the position
-  table, the patch convolution) in that dtype. A layer the file already stores in float8 is kept as stored.
-Either way the checkpoint is read one tensor at a time (`load_streamed`), so loading never needs the file's
-full-precision tensors all at once. A file without float8 scales, loaded with "full", goes through the
-ordinary loaders instead, unchanged.
-
-The float8 files read here, as ComfyUI's own source writes and reads them:
-* "scaled fp8" (`sd3.5_large_fp8_scaled.safetensors`, `t5xxl_fp8_e4m3fn_scaled.safetensors`): a marker tensor
-  `<prefix>scaled_fp8`, empty (or 2 elements: "no fp8 matrix products", which changes nothing here), whose
-  dtype is the float8 type of the weights (float32 meaning e4m3fn): `comfy.model_detection.model_config_from_unet`,
-  `comfy.text_encoders.sd3_clip.t5_xxl_detect`. Each float8 linear layer has `<layer>.scale_weight`, a float32
-  scalar, and its weight is `weight · scale_weight` (`comfy.ops.scaled_fp8_ops`). An optional
-  `<layer>.scale_input` only serves ComfyUI's float8 matrix product (`comfy.ops.fp8_linear`); a value of 1 is
-  dropped, as `comfy.utils.convert_old_quants` drops it.
-* "comfy_quant" (the newer form `comfy.utils.convert_old_quants` turns the above into): per layer a uint8 tensor
-  `<layer>.comfy_quant` holding JSON `{"format": "float8_e4m3fn", ...}`, or the same per-layer JSON under
-  "layers" in the file's `_quantization_metadata` header entry, with the scale in `<layer>.weight_scale` and an
-  optional `<layer>.input_scale` (`comfy.ops.mixed_precision_ops`, `comfy.quant_ops.QUANT_ALGOS`).
-* plain float8 tensors without scales (`t5xxl_fp8_e4m3fn.safetensors`): scale 1.
-Supported: float8_e4m3fn and float8_e5m2 weights with a per-tensor (or per-row) weight scale; the numerics are
-in docs/numerics.md §11.5. Anything else a
-file quantises in its own way (input scales other than 1, nvfp4, int8, bitsandbytes, GPTQ ...) is an
-`UnsupportedQuantization` error naming what it found.
+`weights` (`--weights`, `Pipeline.load(weights=)`): "full" (the default) holds every weight in the run's dtype, a
+float8 file dequantised as it loads; "fp8" holds every linear layer of the MM-DiT and T5 as float8 with a float32
+scale (`mmdit.fp8.FP8Linear`), computing in the run's dtype, and keeps a layer the file stores in float8 as
+stored. Either way the file is read one tensor at a time (`load_streamed`). The files read (ComfyUI's
+"scaled fp8" and "comfy_quant" layouts, plain float8) and the numerics: docs/numerics.md §11.5; any other
+quantisation is an `UnsupportedQuantization` error naming what it found.
 """
 
 from __future__ import annotations
@@ -44,11 +24,10 @@ from .safetensors import CheckpointError, TensorReader, check_fits
 from .transformer_keys import swap_halves
 
 WEIGHTS = ("full", "fp8")
-# One scale per tensor. Per output row was measured too (scripts/fp8_error.py, README "Memory"): on these
-# models it is not clearly better, and one scale per tensor is what ComfyUI's files hold.
+# One scale per tensor, as ComfyUI's files hold; per output row is not clearly better (docs/performance.md).
 PER_CHANNEL = False
 
-MARKER = "scaled_fp8"
+MARKER = "scaled_fp8"  # empty, or 2 elements ("no fp8 matrix products", which changes nothing here)
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # old ("scaled fp8") and new ("comfy_quant") names
 INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
 CONF_SUFFIX = ".comfy_quant"

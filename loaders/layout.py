@@ -1,7 +1,7 @@
 """A layout put to work in one generation: DenseDiffusion (docs/densediffusion.md §2-§5, §10) or Regional
 Prompting (docs/layout-control.md).
 
-`dense` holds the pure pieces (layout checks, token assignment, phrase matching, the modulation); this module
+`dense` holds the pure pieces (layout checks, token assignment, phrase matching, the score edit); this module
 feeds them what only a loaded model has: the tokenizers' ids, the encoders' phrase encodings, the schedule.
 Order matters for the user: everything that can be wrong with a layout is found by `match_layout`, before any
 encoder or transformer is loaded.
@@ -86,7 +86,7 @@ def plan_layout(
     """The positive conditioning with the phrase rows replaced, and the plan for the attention.
 
     Strength 0 without maps returns the conditioning untouched and no plan: the plain path, bit for bit
-    (docs/densediffusion.md §9). Strength 0 with maps records through the explicit attention without modulating.
+    (docs/densediffusion.md §9). Strength 0 with maps records through the explicit attention without editing.
     """
     positive = encoded.positive
     # The text length as encoded: the CLIP length (77 in every released model) + the T5 length. The matches were

@@ -1,64 +1,7 @@
-"""LoRA files for SD3 / SD3.5: reading the formats the trainers write, mapping their keys onto our modules, and
-merging the low-rank updates into the weights.
-
-A LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", §4.1) stores, for each adapted
-layer with weight W (out, in), two factors `down` (r, in) and `up` (out, r), and sometimes an `alpha`. Applied
-with a user scale s, the layer computes with
-
-    W' = W + s · (alpha / r) · up @ down          (bias' = bias + s · (alpha / r) · up_bias, if the file has one)
-
-(alpha / √r with PEFT's `use_rslora`). Without an alpha, alpha = r: the factor is s alone.
-
-**Formats.** A file's keys say which it is; one file may mix the MM-DiT with CLIP-L / CLIP-G.
-
-* diffusers / PEFT: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` (down) / `lora_B` (up), over
-  diffusers' `SD3Transformer2DModel` names; alpha from the PEFT `LoraConfig` in the file's
-  `lora_adapter_metadata` (`lora_alpha`, `alpha_pattern`, `use_rslora`), else alpha = r;
-* kohya (sd-scripts): `lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight` / `lora_up`, over
-  Stability's names with `.` written `_`; alpha from the module's `.alpha` tensor, else r;
-* ComfyUI: `diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_down.weight` / `lora_up`, over Stability's
-  names; `.alpha`, else r.
-
-ComfyUI's SD3 key map (`comfy.lora.model_lora_keys_unet`) also reads `base_model.model.` (PEFT's own prefix),
-`lora_transformer_` (OneTrainer) and `lycoris_` (SimpleTuner) over the diffusers names, `.` written `_` in the
-last two; so do we. Its tensor names (`comfy.weight_adapter.lora.LoRAAdapter.load`) are read in every
-format: `lora_up`/`lora_down`, `lora_B`/`lora_A`, `lora.up`/`lora.down`, `lora_linear_layer.up`/`.down`,
-and an `.alpha` tensor is honoured wherever it appears (it wins over the PEFT metadata).
-Text encoders (`comfy.lora.model_lora_keys_clip`; diffusers' `SD3LoraLoaderMixin.load_lora_weights`):
-CLIP-L as `text_encoder.` / `lora_te1_` / `text_encoders.clip_l.transformer.`, CLIP-G as `text_encoder_2.` /
-`lora_te2_` / `text_encoders.clip_g.transformer.`, over transformers' names (our CLIP's module names). They are
-merged into the encoders when those load. T5 LoRAs (`lora_te3_`, OneTrainer) are refused: diffusers does not
-load them either.
-
-**diffusers.** `SD3LoraLoaderMixin` reads only the diffusers / PEFT format (it converts no kohya or ComfyUI
-keys for SD3, and passes `network_alphas=None`, so alpha comes from the metadata or is r:
-`diffusers.utils.peft_utils.get_peft_kwargs`); `fuse_lora(lora_scale=s)` then adds
-`(lora_B @ lora_A) · (alpha / r) · s` to each weight (PEFT `lora.Linear.merge` / `get_delta_weight`). We do
-the same sums in the same order, so in float32 the merged weights are diffusers' (bit for bit in
-tests/test_lora.py; README "LoRA" has the measurements).
-
-**Key map.** Our modules carry the Stability names, so kohya and ComfyUI keys map by name. diffusers names go
-through `transformer_keys.module_pairs`, the map the checkpoint loader uses, with its two twists: diffusers'
-`to_q` / `to_k` / `to_v` (and `add_{q,k,v}_proj`) are row blocks 0, 1, 2 of our fused `qkv` (rows [q; k; v],
-no permutation, as `transformer_from_diffusers` concatenates them), so such an update goes into its block of
-the fused weight; and `norm_out.linear` and the last block's `norm1_context.linear` chunk as (scale, shift)
-where we store (shift, scale), so the halves of their `up` (rows) and bias are swapped.
-
-**Merged, not run beside.** Updates are merged into the weights when a model loads: a step costs what it costs
-without a LoRA, the fused qkv, float8 layers and block streaming need nothing special, and the numbers are
-those of diffusers' `fuse_lora`. The merge happens in float32 whatever the weights' dtype: W is upcast, every
-update of that layer (all files, in order) is added, and the sum is rounded once to the weight's dtype. For
-bfloat16 weights that one rounding is the only error added (an update smaller than half a bfloat16 step of
-W, 2⁻⁹ to 2⁻⁸ of |W|, is lost in it); PEFT on a CPU instead rounds the factors and the update to bfloat16 and
-then adds in bfloat16. A float8 layer (`mmdit.fp8.FP8Linear`) is
-dequantised to float32, updated, and quantised again with a fresh scale. `merge_loras` returns the updates
-it applied; `unmerge_loras` subtracts them again the same way, which gives float32 weights back to within
-their rounding (not bit for bit) and bfloat16 / float8 weights only approximately. The pipeline never unmerges:
-it merges into freshly loaded weights whenever it loads a model, so the exact base weights are one reload away.
-
-Strictness, as for checkpoints: every key of a file must land on a layer of the right shape, or the whole
-file is refused with an error naming the key; so is a file that adapts nothing, one made for another model
-family, and adapter kinds other than plain LoRA (LoHa, LoKr, DoRA, Tucker/LoCon mid weights, full diffs).
+"""LoRA files for SD3 / SD3.5: read the diffusers / PEFT, kohya and ComfyUI formats (MM-DiT, CLIP-L, CLIP-G), map
+their keys onto our modules, and merge W' = W + s · (alpha / r) · up @ down into the weights as a model loads
+(in float32, rounded once to the weight's dtype), so a step costs what it costs without one. Formats, the key
+map and the exactness against diffusers' `fuse_lora`: docs/lora.md.
 """
 
 from __future__ import annotations
@@ -452,7 +395,7 @@ def _lookup(table: dict[tuple[str, bool], Target], pair: Pair) -> Target | None:
     name, underscored = pair.name, pair.namespace.underscored
     found = table.get((name, underscored))
     if found is None and pair.namespace.names == "transformers":
-        # transformers >= 5.6 saves a bare CLIPTextModel without `text_model.` (cf. text_encoder_keys)
+        # transformers >= 5.6 saves a bare CLIPTextModel without `text_model.` (cf. text_encoders.clip_state_dict)
         found = table.get((("text_model_" if underscored else "text_model.") + name, underscored))
     return found
 
@@ -558,7 +501,7 @@ def merge_loras(model: nn.Module, files: Sequence[LoRAFile], component: str = "t
 
 
 def unmerge_loras(model: nn.Module, updates: Sequence[Update]) -> None:
-    """Subtract what `merge_loras` added (float32 weights come back to within rounding; see the module docstring)."""
+    """Subtract what `merge_loras` added (float32 weights come back to within rounding; docs/lora.md)."""
     _apply(model, updates, -1.0)
 
 

@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dense import AttentionMaps, DenseConfig, DensePlan, Layout, RegionalConfig, RegionalPlan
+from dense import (AttentionMaps, DenseConfig, DensePlan, Layout, RegionalConfig, RegionalPlan, layout_prompt,
+                   parse_layout, read_layout)
 from mmdit.conditioning import Conditioning
 from mmdit.errors import InputError
 from mmdit.model import MMDiT, MMDiTConfig
 from mmdit.vae import VAE, decode, encode, to_uint8
 from samplers import (
-    DEFAULT_STRENGTH, PRESETS, REFERENCE_PRESETS, Denoiser, Guidance, Inpaint, ModelCall, Preset, first_step,
-    initial_noise, noised, sample, sigmas,
+    DEFAULT_SAMPLER, DEFAULT_STRENGTH, IMAGE_SIZE, PRESETS, REFERENCE_PRESETS, SLG_SCALE, SLG_START, SLG_STOP, Denoiser,
+    Guidance, Inpaint, ModelCall, Preset, first_step, initial_noise, noised, sample, sigmas,
 )
 
 from .checkpoint import Checkpoint, check_offload, load_transformer, load_vae, locate, transformer_config, variant
@@ -56,13 +57,13 @@ class Settings:
     cfg: float
     shift: float
     seed: int = 0
-    height: int = 1024
-    width: int = 1024
+    height: int = IMAGE_SIZE
+    width: int = IMAGE_SIZE
     slg_layers: tuple[int, ...] = ()
-    slg_scale: float = 2.8
-    slg_start: float = 0.01
-    slg_stop: float = 0.2
-    sampler: str = "euler"  # or "dpmpp_2m" (samplers.SAMPLERS)
+    slg_scale: float = SLG_SCALE
+    slg_start: float = SLG_START
+    slg_stop: float = SLG_STOP
+    sampler: str = DEFAULT_SAMPLER  # one of samplers.SAMPLERS
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides) -> Settings:
@@ -204,8 +205,75 @@ def model_defaults(source: ModelSource, checkpoint: Checkpoint, config: MMDiTCon
         note = (f"{checkpoint.name} has the {name} architecture with {config.depth} blocks instead of the "
                 f"release's; its skip-layer guidance (blocks {list(preset.slg_layers)}) is off unless you choose "
                 "blocks (--slg-layers)")
-        return ModelDefaults(name, replace(preset, slg_layers=()), 1024, note)
-    return ModelDefaults(name, preset, 1024)
+        return ModelDefaults(name, replace(preset, slg_layers=()), IMAGE_SIZE, note)
+    return ModelDefaults(name, preset, IMAGE_SIZE)
+
+
+@dataclass(frozen=True, eq=False)
+class InitImage:
+    """Where image-to-image starts: the image (a path or PIL image), how much of it is redrawn, and the
+    inpainting mask (white = repaint), if any."""
+
+    image: str | Path | object
+    strength: float
+    mask: str | Path | object | None = None
+
+
+def _init_image(image: str | Path | object | None, strength: float | None,
+                mask: str | Path | object | None) -> InitImage | None:
+    """A call's image-to-image input (None: text-to-image); `strength` None is diffusers' default."""
+    if image is None:
+        if mask is not None or strength is not None:
+            raise InputError(f"{'a mask' if mask is not None else 'strength'} needs an init image "
+                             "(--init-image / init_image=...)")
+        return None
+    return InitImage(image, DEFAULT_STRENGTH if strength is None else strength, mask)
+
+
+@dataclass(frozen=True, eq=False)
+class LayoutControl:
+    """A layout and how it steers. DenseDiffusion: `strength`, `preset` (a name or a `dense.DenseConfig`), and
+    whether the per-phrase attention maps are recorded. Regional Prompting (`regional` not None): its
+    `dense.RegionalConfig` and the background prompt given by the caller (docs/layout-control.md)."""
+
+    layout: Layout
+    strength: float
+    preset: str | DenseConfig
+    record_maps: bool
+    regional: RegionalConfig | None = None
+    background: str | None = None
+
+
+def _layout_control(layout: Layout | dict | str | Path | None, strength: float, preset: str | DenseConfig,
+                    record_maps: bool, method: str = "dense", regional: RegionalConfig | None = None,
+                    background: str | None = None) -> LayoutControl | None:
+    """A call's layout, read from its file or parsed from its dict (None: no layout)."""
+    if method not in LAYOUT_METHODS:
+        raise InputError(f"unknown layout method {method!r}; choose one of {', '.join(LAYOUT_METHODS)}")
+    if isinstance(layout, (str, Path)):
+        layout = read_layout(layout)
+    elif isinstance(layout, dict):
+        layout = parse_layout(layout)
+    if layout is None:
+        if record_maps:
+            raise InputError("record_maps needs a layout (its regions and phrases are what is measured)")
+        return None
+    if method == "regional":
+        if record_maps:
+            raise InputError("attention maps are recorded for DenseDiffusion only (layout_method='dense')")
+        return LayoutControl(layout, strength, preset, False, regional or RegionalConfig(), background)
+    return LayoutControl(layout, strength, preset, record_maps)
+
+
+@dataclass(frozen=True, eq=False)
+class Conditions:
+    """What the sampler is conditioned on: one row per image (negative rows only under CFG), the layout's
+    attention plan, and what the user should be told about the text (e.g. a prompt the tokenizers truncated)."""
+
+    positive: Conditioning
+    negative: Conditioning | None
+    plan: DensePlan | RegionalPlan | None = None
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,7 +298,7 @@ class Pipeline:
     has been used, so repeated calls read nothing from disk.
     `offload="blocks"` keeps the MM-DiT's joint blocks in CPU memory and streams them to the device as they run
     (`mmdit.streaming`); `t5_device` runs T5 elsewhere (e.g. "cpu"), in `dtype`. Neither changes the numbers
-    on a CPU-only machine (tests/test_memory.py); README "Memory" says when they help.
+    on a CPU-only machine (tests/test_memory.py); docs/performance.md says when they help.
     `weights="fp8"` keeps the MM-DiT's and T5's linear layers in float8 with a per-tensor scale, computed in
     `dtype` (`loaders.fp8`); ComfyUI's scaled-float8 files load with either setting.
     `loras`: LoRA files (`loaders.lora`) merged into the MM-DiT and the CLIP encoders each time they load.
@@ -264,14 +332,13 @@ class Pipeline:
              loras: Sequence[LoRA | str | Path | tuple[str | Path, float]] = (),
              preset: str = "diffusers", vae_dtype: torch.dtype | None = None, compile: bool = False) -> Pipeline:
         """`model` is what `--model` takes (None: the built-in model). `vae_dtype`: the VAE's own dtype (None:
-        `dtype`, as diffusers runs it); float32 for CPUs whose 16-bit convolutions are slow (README "Speed": on
-        ours bfloat16 is the faster). `preset`: "diffusers" (default settings,
-        Euler) or "reference" (Stability's reference settings and DPM-Solver++(2M); see `model_defaults`).
-        `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string spelt as `--lora PATH[:SCALE]`, or a
-        (path, scale) pair; their MM-DiT keys are checked here, before any weight is read, their CLIP keys when
-        the encoders load. `compile`: `torch.compile` each joint block of the MM-DiT when it loads; the first call
-        of each block shape compiles (minutes at full size), later ones run the compiled kernels. The outputs differ
-        from eager ones by rounding only (README "Speed")."""
+        `dtype`, as diffusers runs it); float32 for CPUs whose 16-bit convolutions are slow (docs/performance.md).
+        `preset`: "diffusers" (default settings, Euler) or "reference" (Stability's reference settings and
+        DPM-Solver++(2M); see `model_defaults`). `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string
+        spelt as `--lora PATH[:SCALE]`, or a (path, scale) pair; their MM-DiT keys are checked here, before any
+        weight is read, their CLIP keys when the encoders load. `compile`: `torch.compile` each joint block of the
+        MM-DiT when it loads; the first call of each block shape compiles, later ones run the compiled kernels,
+        whose outputs differ from eager ones by rounding only (docs/performance.md)."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         check_offload(offload)
         check_weights(weights)
@@ -385,7 +452,7 @@ class Pipeline:
         `layout_method="regional"` steers with Regional Prompting instead (docs/layout-control.md): each region's
         phrase is its own prompt, `regional` (a `dense.RegionalConfig`: base ratio, inject steps and interval;
         None: its defaults) says how, and `background_prompt` (else the layout's "background", else "") covers the
-        tokens of no worded region.
+        image tokens of no worded region.
         Precomputed conditioning replaces the prompt: `prompt_embeds` (and `negative_embeds` when CFG is on), one
         row per image; then no text encoder runs.
         `memory`: a `loaders.memory.MemoryLog` that gets each stage's weight bytes and peak memory.
@@ -395,58 +462,54 @@ class Pipeline:
         image's, rounded down to a multiple of 16, and the image is resized (Lanczos) to the size asked for.
         `mask` (greyscale: white = repaint, black = keep) with an init image makes it inpainting.
         """
-        from dense import layout_prompt, parse_layout, read_layout
-
-        if init_image is None and (mask is not None or strength is not None):
-            raise InputError(f"{'a mask' if mask is not None else 'strength'} needs an init image "
-                             "(--init-image / init_image=...)")
-        settings = self.settings(seed=seed, height=height, width=width, init_image=init_image, steps=steps, cfg=cfg, shift=shift,
-                                 slg_layers=slg_layers, slg_scale=slg_scale, slg_start=slg_start, slg_stop=slg_stop,
-                                 sampler=sampler)
-        strength = (DEFAULT_STRENGTH if strength is None else strength) if init_image is not None else None
-        start = (lambda batch: self._image_start(init_image, mask, settings, strength, batch, memory)) \
-            if init_image is not None else None
+        init = _init_image(init_image, strength, mask)
+        settings = self.settings(seed=seed, height=height, width=width, init_image=init_image, steps=steps, cfg=cfg,
+                                 shift=shift, slg_layers=slg_layers, slg_scale=slg_scale, slg_start=slg_start,
+                                 slg_stop=slg_stop, sampler=sampler)
         length = max_sequence_length or self.preset.max_sequence_length
-        if isinstance(layout, (str, Path)):
-            layout = read_layout(layout)
-        elif isinstance(layout, dict):
-            layout = parse_layout(layout)
-        if layout_method not in LAYOUT_METHODS:
-            raise InputError(f"unknown layout method {layout_method!r}; choose one of {', '.join(LAYOUT_METHODS)}")
-        regional_on = layout is not None and layout_method == "regional"
-        if regional_on and record_maps:
-            raise InputError("attention maps are recorded for DenseDiffusion only (layout_method='dense')")
-        if regional_on and regional is None:
-            regional = RegionalConfig()
-        if layout is not None:
-            prompt = layout_prompt(layout, prompt)
-        elif record_maps:
-            raise InputError("record_maps needs a layout (its regions and phrases are what is measured)")
+        control = _layout_control(layout, dense_strength, dense_preset, record_maps, layout_method, regional,
+                                  background_prompt)
+        if control is not None:
+            prompt = layout_prompt(control.layout, prompt)
         if prompt_embeds is not None:
-            if layout is not None or prompt is not None:
+            if control is not None or prompt is not None:
                 raise InputError("give prompt_embeds or a prompt / layout, not both (a layout needs the prompt's text)")
-            if settings.guidance.cfg_on and negative_embeds is None:
-                raise InputError(f"cfg {settings.cfg} > 1 needs negative_embeds too (or cfg=1)")
-            latents = self._sample(prompt_embeds, negative_embeds, settings, None, callback, memory,
-                                   start(prompt_embeds.context.shape[0]) if start else None)
-            record = self._record(None, negative_prompt, settings, None, length, prompt_embeds.context.shape[0],
-                                  dense_strength, dense_preset, init_image, strength, mask)
-            skipped = tuple(f"LoRA {f.lora.path.name} also adapts the text encoders; precomputed embeddings do not "
-                            "run them, so that part of it does not apply" for f in self.loras
-                            if set(f.components) - {"transformer"})
-            return self._result(latents, {**record, "prompt_embeds": True}, None, skipped, memory)
-        if prompt is None:
+            conditions = self._given(prompt_embeds, negative_embeds, settings)
+        elif prompt is None:
             raise InputError("give a prompt (or a layout that has one)")
-        match = regions = None
-        if regional_on:
-            regions = regional_layout(layout, background_prompt, height=settings.height, width=settings.width)
-            extra = list(regions.texts) if regional.inject_steps > 0 else None  # 0: the plain run, bit for bit
-        elif layout is not None:
-            match = match_layout(layout, prompt, self.files, height=settings.height, width=settings.width,
-                                 max_sequence_length=length, keep=self._text)
-            extra = match.texts_to_encode if dense_strength > 0 else None
         else:
-            extra = None
+            conditions = self._encode(prompt, negative_prompt, num_images, length, control, settings, memory)
+        batch = conditions.positive.context.shape[0]
+        start = self._image_start(init, settings, batch, memory) if init is not None else None
+        latents = self._sample(conditions, settings, callback, memory, start)
+        record = self._record(prompt, negative_prompt, settings, length, batch, control, init)
+        if prompt_embeds is not None:
+            record["prompt_embeds"] = True
+        maps = conditions.plan.maps if isinstance(conditions.plan, DensePlan) else None
+        return self._result(latents, record, maps, conditions.warnings, memory)
+
+    def _given(self, positive: Conditioning, negative: Conditioning | None, settings: Settings) -> Conditions:
+        """Precomputed embeddings as the sampler's conditions (no text encoder runs)."""
+        if settings.guidance.cfg_on and negative is None:
+            raise InputError(f"cfg {settings.cfg} > 1 needs negative_embeds too (or cfg=1)")
+        skipped = tuple(f"LoRA {f.lora.path.name} also adapts the text encoders; precomputed embeddings do not "
+                        "run them, so that part of it does not apply" for f in self.loras
+                        if set(f.components) - {"transformer"})
+        return Conditions(positive, negative, warnings=skipped)
+
+    def _encode(self, prompt: str, negative_prompt: str, num_images: int, length: int,
+                control: LayoutControl | None, settings: Settings, memory: MemoryLog | None) -> Conditions:
+        """The text stage: the prompts encoded (`num_images` rows each) and, with a layout, its attention plan."""
+        match = regions = extra = None
+        if control is not None and control.regional is not None:  # Regional Prompting: every phrase its own prompt
+            regions = regional_layout(control.layout, control.background, height=settings.height,
+                                      width=settings.width)
+            if control.regional.inject_steps > 0:  # 0: the plain run, bit for bit, not even encoding them
+                extra = list(regions.texts)
+        elif control is not None:
+            match = match_layout(control.layout, prompt, self.files, height=settings.height, width=settings.width,
+                                 max_sequence_length=length, keep=self._text)
+            extra = match.texts_to_encode if control.strength > 0 else None
         encoded = encode_prompts(
             self.files, [prompt], [negative_prompt] if settings.guidance.cfg_on else None, num_images=num_images,
             max_sequence_length=length, context_dim=self.config.context_dim, dtype=self.dtype, device=self.device,
@@ -455,50 +518,43 @@ class Pipeline:
         )
         positive, plan = encoded.positive, None
         if regions is not None and extra is not None:
-            plan = plan_regional(regions, encoded, regional, max_sequence_length=length,
+            plan = plan_regional(regions, encoded, control.regional, max_sequence_length=length,
                                  context_dim=self.config.context_dim, device=self.device)
         if match is not None:
             positive, plan = plan_layout(match, encoded, steps=settings.steps, shift=settings.shift,
-                                         strength=dense_strength, preset=dense_preset, record_maps=record_maps,
-                                         max_sequence_length=length, device=self.device)
-        latents = self._sample(positive, encoded.negative, settings, plan, callback, memory,
-                               start(positive.context.shape[0]) if start else None)
-        record = self._record(prompt, negative_prompt, settings, layout, length, positive.context.shape[0],
-                              dense_strength, dense_preset, init_image, strength, mask,
-                              (regional, background_prompt) if regional_on else None)
-        return self._result(latents, record, plan.maps if isinstance(plan, DensePlan) else None,
-                            tuple(encoded.truncated), memory)
+                                         strength=control.strength, preset=control.preset,
+                                         record_maps=control.record_maps, max_sequence_length=length,
+                                         device=self.device)
+        return Conditions(positive, encoded.negative, plan, tuple(encoded.truncated))
 
-    def _sample(self, positive: Conditioning, negative: Conditioning | None, settings: Settings,
-                dense: DensePlan | RegionalPlan | None, callback: Callable[[int, Tensor], None] | None,
-                memory: MemoryLog | None, start: ImageStart | None = None) -> Tensor:
+    def _sample(self, conditions: Conditions, settings: Settings, callback: Callable[[int, Tensor], None] | None,
+                memory: MemoryLog | None, start: ImageStart | None) -> Tensor:
         """The sampling stage: the MM-DiT (loaded, or the kept one) runs the loop; the final latents."""
         with measure(memory, "sampling", self.device) as stage:
             model = self.transformer()
             stage.weights(model)
-            return generate_latents(model, positive, negative, settings, dense=dense, callback=callback, start=start)
+            return generate_latents(model, conditions.positive, conditions.negative, settings, dense=conditions.plan,
+                                    callback=callback, start=start)
 
-    def _image_start(self, init_image, mask, settings: Settings, strength: float, batch: int,
-                     memory: MemoryLog | None) -> ImageStart:
+    def _image_start(self, init: InitImage, settings: Settings, batch: int, memory: MemoryLog | None) -> ImageStart:
         """The VAE-encode stage of image-to-image / inpainting (before the MM-DiT is loaded)."""
         from .images import read_init_image, read_mask
 
-        image = read_init_image(init_image, settings.height, settings.width)
-        pixels = read_mask(mask, settings.height, settings.width) if mask is not None else None
+        image = read_init_image(init.image, settings.height, settings.width)
+        pixels = read_mask(init.mask, settings.height, settings.width) if init.mask is not None else None
         with measure(memory, "VAE encode", self.device) as stage:
             vae = self.autoencoder()
             stage.weights(vae)
             if vae.encoder is None:
                 raise InputError(f"{self.checkpoint.name} has no VAE encoder (decoder-only weights); "
                                  "image-to-image and inpainting need the encoder")
-            return image_start(vae, image, pixels, settings, strength, batch, self.dtype)
+            return image_start(vae, image, pixels, settings, init.strength, batch, self.dtype)
 
-    def _record(self, prompt: str | None, negative_prompt: str, settings: Settings, layout: Layout | None,
-                length: int, count: int, dense_strength: float, dense_preset: str | DenseConfig,
-                init_image=None, strength: float | None = None, mask=None,
-                regional: tuple[RegionalConfig, str | None] | None = None) -> dict:
+    def _record(self, prompt: str | None, negative_prompt: str, settings: Settings, length: int, count: int,
+                control: LayoutControl | None, init: InitImage | None) -> dict:
         """What made the image, as it goes into the PNG metadata (enough to make it again)."""
-        dense = layout is not None and regional is None
+        dense = control is not None and control.regional is None
+        regional = control is not None and control.regional is not None
         return {
             "model": self.source.label, "variant": self.defaults.variant, "prompt": prompt,
             "negative_prompt": negative_prompt, "prompt_embeds": None, **settings.to_dict(),
@@ -509,13 +565,14 @@ class Pipeline:
             "t5": self.use_t5, "num_images": count,
             **({"weights": self.weights} if self.weights != "full" else {}),  # "full" records nothing, as before
             **({"loras": lora_records(self.loras)} if self.loras else {}),  # likewise without LoRAs
-            "layout": layout_record(layout) if layout is not None else None,
-            "dense_strength": dense_strength if dense else None,
-            "dense_preset": (dense_preset if isinstance(dense_preset, str) else asdict(dense_preset)) if dense else None,
-            **({"init_image": _name(init_image), "strength": strength} if init_image is not None else {}),
-            **({"mask": _name(mask)} if mask is not None else {}),
-            **({"layout_method": "regional", "regional": asdict(regional[0]), "background_prompt": regional[1]}
-               if regional is not None else {}),  # a DenseDiffusion record keeps its keys as before
+            "layout": layout_record(control.layout) if control is not None else None,
+            "dense_strength": control.strength if dense else None,
+            "dense_preset": (control.preset if isinstance(control.preset, str) else asdict(control.preset))
+            if dense else None,
+            **({"init_image": _name(init.image), "strength": init.strength} if init is not None else {}),
+            **({"mask": _name(init.mask)} if init is not None and init.mask is not None else {}),
+            **({"layout_method": "regional", "regional": asdict(control.regional),
+                "background_prompt": control.background} if regional else {}),  # DenseDiffusion: keys as before
         }
 
     def _result(self, latents: Tensor, record: dict, maps: AttentionMaps | None, warnings: tuple[str, ...],

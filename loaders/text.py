@@ -21,7 +21,7 @@ from mmdit.errors import InputError, MissingInputError
 from .memory import MemoryLog, measure, release_memory
 from .lora import LoRAFile, merge_loras
 from .safetensors import read_shapes
-from .text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
+from .text_encoders import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
 from .tokenizers import ClipTokenizer, T5Tokenizer, TokenizerError
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")

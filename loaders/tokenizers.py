@@ -1,34 +1,10 @@
 """CLIP and T5 tokenizers with the same ids as the transformers 5 tokenizers that diffusers uses.
 
-Behaviour: docs/numerics.md §6.1 (CLIPTokenizer), §6.2 (T5TokenizerFast), and §6 for how
-`StableDiffusion3Pipeline.encode_prompt` calls them: pad to "max_length", truncate, special tokens on.
-
-All tokenization runs in the `tokenizers` library (byte-level BPE for CLIP, Unigram for T5); this module only
-assembles the pipeline from the files the official repositories ship:
-
-* CLIP (``tokenizer/``, ``tokenizer_2/``): ``tokenizer.json`` if present, else ``vocab.json`` + ``merges.txt``.
-* T5 (``tokenizer_3/``): ``tokenizer.json`` if present, else the SentencePiece ``spiece.model``.
-* Both: ``tokenizer_config.json`` / ``special_tokens_map.json`` for the special tokens and ``model_max_length``.
-
-Like transformers 5, only the vocabulary (and merges / scores, and T5's SentencePiece character map) come from
-the files; normalizer, pre-tokenizer, post-processor and decoder are always the class definitions below, even
-when a ``tokenizer.json`` carries other ones.
-
-Behaviour worth knowing (all reproduced on purpose):
-
-* Every named special token (bos/eos/unk/pad, T5's ``<extra_id_k>``, ...) is registered as an "added token"
-  that the library cuts out of the prompt before anything else (special tokens are matched in the raw text,
-  unless their config entry says ``normalized: true``). SD3's CLIP-G uses ``"!"`` as pad token, so every
-  ``!`` in a prompt becomes id 0 and ``"!!"`` is two tokens instead of one merged ``"!!</w>"`` token.
-* When a text is registered twice with different flags (e.g. eos as an object with ``normalized: true`` and
-  pad as the plain string ``"<|endoftext|>"``), the last registration wins, as in transformers.
-* CLIP lower-cases, collapses whitespace runs to one space, and never uses ftfy/html clean-up (transformers 5).
-* T5 applies SentencePiece's NFKC-style character map (``"ﬁ"`` -> ``"fi"``, full-width -> ASCII), splits on
-  whitespace and prepends ``"▁"`` to every word, also to text that follows an added token.
-* Truncation keeps room for the special tokens (CLIP: 75 content tokens + BOS + EOS in SD3's 77; T5: ``</s>`` is
-  always the last real token); padding is on the right with the tokenizer's own pad id.
-
-The library never prints: `Tokens.truncated` returns, per prompt, the part of the text that was cut off.
+All tokenization runs in the `tokenizers` library (byte-level BPE for CLIP, Unigram for T5); this module
+assembles it from the files the official repositories ship (``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``)
+and, like transformers 5, takes only the vocabulary from them (with the merges, scores and T5's character map):
+normalizer, pre-tokenizer, post-processor and decoder are the class definitions below, even when a
+``tokenizer.json`` carries other ones. What they do, and how `encode_prompt` calls them: docs/numerics.md §6.
 """
 
 from __future__ import annotations
@@ -182,7 +158,11 @@ def _as_special(token: AddedToken) -> AddedToken:
 
 
 def _register_added_tokens(backend: Tokenizer, tokens: Sequence[AddedToken], named: Sequence[str]) -> None:
-    """Register the tokens the library must match verbatim in the text; named tokens are always included."""
+    """Register the tokens the library must match verbatim in the text; named tokens are always included.
+
+    The library cuts added tokens out of the prompt before anything else (in the raw text, unless a token says
+    ``normalized: true``): SD3's CLIP-G pads with ``"!"``, so every ``!`` in a prompt becomes id 0.
+    """
     texts = {str(t) for t in tokens}
     missing = [AddedToken(t, special=True) for t in dict.fromkeys(named) if t not in texts]
     backend.add_tokens([*tokens, *missing])
@@ -196,12 +176,23 @@ def _token_id(backend: Tokenizer, token: str, what: str, folder: Path) -> int:
 
 
 class _Tokenizer:
-    """The shared part: a `tokenizers.Tokenizer` with a post-processor, plus pad-to-length batch encoding."""
+    """The shared part: a `tokenizers.Tokenizer` with its special tokens registered and a post-processor that adds
+    them (`single` / `pair` templates), plus pad-to-length batch encoding."""
 
-    def __init__(self, backend: Tokenizer, *, pad_token: str, pad_id: int, model_max_length: int | None) -> None:
+    def __init__(self, backend: Tokenizer, *, single: list[str], pair: list[str], bos_token: str | None,
+                 eos_token: str, unk_token: str, pad_token: str, added_tokens: Sequence[AddedToken],
+                 model_max_length: int | None, source: Path) -> None:
+        named = [t for t in (bos_token, eos_token, unk_token, pad_token) if t is not None]
+        _register_added_tokens(backend, added_tokens, named)
+        if bos_token is not None:  # T5 has none
+            self.bos_id = _token_id(backend, bos_token, "bos token", source)
+        self.eos_id = _token_id(backend, eos_token, "eos token", source)
+        self.unk_id = _token_id(backend, unk_token, "unk token", source)
+        self.pad_id = _token_id(backend, pad_token, "pad token", source)
+        added = [(t, backend.token_to_id(t)) for t in (bos_token, eos_token) if t is not None]
+        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=added)
         self.backend = backend
         self.pad_token = pad_token
-        self.pad_id = pad_id
         self.model_max_length = model_max_length
         # CLIP adds BOS + EOS, T5 adds </s>: truncation must leave room for them.
         self.num_special_tokens = backend.num_special_tokens_to_add(False)
@@ -311,7 +302,8 @@ def _read_clip_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]],
 class ClipTokenizer(_Tokenizer):
     """CLIP byte-level BPE tokenizer, the ids of transformers 5 ``CLIPTokenizer`` (docs/numerics.md §6.1).
 
-    ``encode(prompts, 77)`` gives ``<|startoftext|>`` + at most 75 tokens + ``<|endoftext|>`` + pad ids.
+    ``encode(prompts, 77)`` gives ``<|startoftext|>`` + at most 75 tokens + ``<|endoftext|>`` + pad ids. It
+    lower-cases, collapses whitespace runs to one space, and never uses ftfy / html clean-up (transformers 5).
     """
 
     def __init__(
@@ -346,20 +338,12 @@ class ClipTokenizer(_Tokenizer):
         backend.normalizer = clip_normalizer()
         backend.pre_tokenizer = clip_pre_tokenizer()
         backend.decoder = decoders.ByteLevel()
-        _register_added_tokens(backend, added_tokens, [bos_token, eos_token, unk_token, pad_token])
-        self.bos_id = _token_id(backend, bos_token, "bos token", source)
-        self.eos_id = _token_id(backend, eos_token, "eos token", source)
-        self.unk_id = _token_id(backend, unk_token, "unk token", source)
-        backend.post_processor = processors.TemplateProcessing(
-            single=[bos_token, "$A", eos_token],
-            pair=[bos_token, "$A", eos_token, eos_token, "$B", eos_token],
-            special_tokens=[(bos_token, self.bos_id), (eos_token, self.eos_id)],
-        )
         super().__init__(
             backend,
-            pad_token=pad_token,
-            pad_id=_token_id(backend, pad_token, "pad token", source),
-            model_max_length=model_max_length,
+            single=[bos_token, "$A", eos_token],
+            pair=[bos_token, "$A", eos_token, eos_token, "$B", eos_token],
+            bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
+            added_tokens=added_tokens, model_max_length=model_max_length, source=source,
         )
 
     @classmethod
@@ -507,7 +491,9 @@ class T5Tokenizer(_Tokenizer):
     """T5 SentencePiece-unigram tokenizer, the ids of transformers 5 ``T5TokenizerFast`` / ``T5Tokenizer``
     (docs/numerics.md §6.2).
 
-    ``encode(prompts, max_sequence_length)`` gives the pieces, then ``</s>``, then pad ids (0).
+    ``encode(prompts, max_sequence_length)`` gives the pieces, then ``</s>``, then pad ids (0). It applies
+    SentencePiece's NFKC-style character map (``"ﬁ"`` -> ``"fi"``, full-width -> ASCII), splits on whitespace and
+    prepends ``"▁"`` to every word, also to text that follows an added token.
     """
 
     def __init__(
@@ -537,19 +523,12 @@ class T5Tokenizer(_Tokenizer):
             ]
         )
         backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-        _register_added_tokens(backend, added_tokens, [eos_token, unk_token, pad_token])
-        self.eos_id = _token_id(backend, eos_token, "eos token", source)
-        self.unk_id = _token_id(backend, unk_token, "unk token", source)
-        backend.post_processor = processors.TemplateProcessing(
-            single=["$A", eos_token],
-            pair=["$A", eos_token, "$B", eos_token],
-            special_tokens=[(eos_token, self.eos_id)],
-        )
         super().__init__(
             backend,
-            pad_token=pad_token,
-            pad_id=_token_id(backend, pad_token, "pad token", source),
-            model_max_length=model_max_length,
+            single=["$A", eos_token],
+            pair=["$A", eos_token, "$B", eos_token],
+            bos_token=None, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
+            added_tokens=added_tokens, model_max_length=model_max_length, source=source,
         )
 
     @classmethod

@@ -1,14 +1,9 @@
 """Multi-head attention for the MM-DiT: fused qkv, per-head RMS QK-norm, and the one attention function.
 
-SD3 paper (Esser et al. 2024, "Scaling Rectified Flow Transformers", §4) joins image and text tokens into one
-sequence and runs ordinary softmax attention over it; SD3.5 adds RMS normalisation of q and k per head (the
-paper's §5.3.2 "QK-normalization") to keep the attention logits bounded at scale.
-
-`attention(q, k, v)` is where the scores live. The plain path is one call to
-`F.scaled_dot_product_attention`. With a DenseDiffusion `dense` value (docs/densediffusion.md §6) the positive prompt's
-image queries (and phrase queries, if the preset modulates them) are computed from explicit scores, query chunk
-by query chunk, and the modulation is applied to those scores before the softmax. Module names follow the
-Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
+SD3 (paper §4) runs ordinary softmax attention over the joined image and text tokens; SD3.5 adds RMSNorm of q
+and k per head (paper §5.3.2). `attention` is where the scores live, and where layout control acts: DenseDiffusion
+edits them, Regional Prompting masks a second pass (docs/layout-control.md).
+Module names follow the Stability checkpoint (`attn.qkv`, `attn.ln_q`, ...).
 """
 
 from __future__ import annotations
@@ -21,10 +16,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .fp8 import linear_rows
+from .fp8 import FP8Linear
 
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
-    from dense import DenseAttention, RegionalAttention
+    from dense import RegionalAttention, ScoreEdit
 
 
 class RMSNorm(nn.Module):
@@ -42,11 +37,8 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """The projections of one stream: fused `qkv`, optional per-head `ln_q`/`ln_k`, optional output `proj`.
-
-    The last context block is "pre-only": its text tokens still send queries, keys and values into the joint
-    attention, but their outputs are thrown away, so it has no `proj` (has_proj=False).
-    """
+    """One stream's projections: fused `qkv`, optional per-head `ln_q`/`ln_k`, and the output `proj` (absent in
+    the last block's text stream, whose output nothing reads)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, has_proj: bool = True):
         super().__init__()
@@ -65,31 +57,35 @@ class SelfAttention(nn.Module):
 
     def kv_heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, D) -> k, v each (B, H, L, Dh): for tokens that are only attended to, never attend."""
-        kv = linear_rows(self.qkv, x, self.qkv.in_features)  # the k and v rows of the fused weight
+        kv = linear_rows(self.qkv, x, self.qkv.in_features)  # (B, L, 2D): the k and v rows of the fused weight
         k, v = rearrange(kv, "B L (K H Dh) -> K B H L Dh", K=2, H=self.num_heads)
         return (self.ln_k(k) if self.ln_k is not None else k), v
+
+    def forward(self, x: Tensor, dense: ScoreEdit | RegionalAttention | None = None) -> Tensor:
+        """Self-attention of one stream alone, (B, L, D) -> (B, L, D): MMDiT-X's image-only `attn2`."""
+        q, k, v = self.qkv_heads(x)
+        return self.proj(merge_heads(attention(q, k, v, dense)))
+
+
+def linear_rows(layer: nn.Linear | FP8Linear, x: Tensor, start: int) -> Tensor:
+    """`layer(x)[..., start:]` without computing the outputs before `start` (the k, v rows of a fused qkv)."""
+    weight = layer.dequantized(slice(start, None)) if isinstance(layer, FP8Linear) else layer.weight[start:]
+    return F.linear(x, weight, None if layer.bias is None else layer.bias[start:])
 
 
 def merge_heads(o: Tensor) -> Tensor:
     return rearrange(o, "B H L Dh -> B L (H Dh)")
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | RegionalAttention | None = None) -> Tensor:
-    """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) attends over k, v (B, H, L, Dh); the result is (B, H, Lq, Dh).
+def attention(q: Tensor, k: Tensor, v: Tensor, dense: ScoreEdit | RegionalAttention | None = None) -> Tensor:
+    """softmax(q kᵀ / √Dh) v: q (B, H, Lq, Dh) over k, v (B, H, L, Dh) -> (B, H, Lq, Dh); Lq < L in the last block.
 
-    Lq = L, except in the last block, where only the image tokens (the first Lq) ask.
-
-    With `dense` modulating, the batch rows `dense.rows` (the positive prompt) are computed from explicit
-    float32 scores that DenseDiffusion changes before the softmax (docs/densediffusion.md §6, §8). Only the
-    query rows a rule can touch are explicit (the image tokens, and the text tokens if the preset modulates
-    phrase rows), `dense.chunk_size` at a time, so the extra memory is (rows, H, chunk, L), never the full
-    L × L of every head. Everything else goes through the plain kernel, which computes every batch row and
-    query on its own, so those outputs are bit for bit the plain result (docs/densediffusion.md §9;
-    tests/test_dense_pipeline.py). A `dense` that only records attention maps leaves the whole output plain.
+    `dense`: DenseDiffusion edits the positive rows' scores before the softmax (docs/densediffusion.md), or
+    Regional Prompting runs its masked pass beside the plain one (`regional_attention`).
     """
     if dense is not None and dense.method == "regional":
         return regional_attention(q, k, v, dense)
-    if dense is None or not dense.modulating:
+    if dense is None or not dense.editing:
         out = F.scaled_dot_product_attention(q, k, v)
         if dense is not None:  # recording maps only: the probabilities are recomputed for them, aside
             for q0, q1, p in probabilities(q, k, dense):
@@ -112,7 +108,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: DenseAttention | RegionalA
     return out
 
 
-def probabilities(q: Tensor, k: Tensor, dense: DenseAttention) -> Iterator[tuple[int, int, Tensor]]:
+def probabilities(q: Tensor, k: Tensor, dense: ScoreEdit) -> Iterator[tuple[int, int, Tensor]]:
     """(q0, q1, p) per query chunk: p = softmax(modulated float32 scores), (b, H, q1-q0, L), for the batch rows
     `dense.rows` and the query rows `dense.explicit_queries` asks for."""
     rows = dense.rows
@@ -123,20 +119,20 @@ def probabilities(q: Tensor, k: Tensor, dense: DenseAttention) -> Iterator[tuple
     for q0 in range(0, n, dense.chunk_size):
         q1 = min(q0 + dense.chunk_size, n)
         s = qr[:, :, q0:q1] @ kt  # (b, H, chunk, L) scaled scores of queries q0..q1
-        yield q0, q1, dense.modulate(s, q0, q1).softmax(-1)
+        yield q0, q1, dense.edit(s, q0, q1).softmax(-1)
 
 
 def regional_attention(q: Tensor, k: Tensor, v: Tensor, regional: RegionalAttention) -> Tensor:
-    """Regional Prompting's joint attention (docs/layout-control.md §3): the same shapes as `attention`.
+    """Regional Prompting (docs/layout-control.md §2): q (B, H, Lq, Dh), k and v (B, H, L, Dh) over the sequence
+    [image (N); base text (S); regional texts] -> (B, H, Lq, Dh).
 
-    The sequence is [image; base text; regional texts]. Every batch row first takes the plain attention of its
-    image and base text queries over the keys [image; base text], the very computation of a run without a layout
-    (so it is that run's result bit for bit). The positive rows then take a second, masked pass over every key;
-    their image rows become (1 − β)·masked + β·plain and their regional text rows the masked pass's. The other
-    rows' regional text tokens (CFG's negative half, which repeats its own prompt there) are never attended to
-    and get 0. SD3.5-M's image-only `attn2` (keys = image tokens only) stays plain, as in the SD3.5 port.
+    Every row's image and base text queries first take the plain attention over [image; base text], the very call
+    of a run without a layout, hence its bits. The positive rows add a masked pass over every key: their image
+    rows become (1 − β)·masked + β·plain, their regional text rows the masked pass's. The other rows' regional text
+    (CFG's negative half repeats its own prompt there) is never attended to and gets 0. MMDiT-X's image-only
+    `attn2` (L = N) stays plain, as in the SD3.5 port.
     """
-    B, Lq, L = q.shape[0], q.shape[2], k.shape[2]
+    Lq, L = q.shape[2], k.shape[2]
     n, p = regional.n_img, regional.n_prefix
     if L == n:
         return F.scaled_dot_product_attention(q, k, v)

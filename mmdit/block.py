@@ -1,16 +1,9 @@
-"""The MM-DiT joint block: two streams (image `x_block`, text `context_block`) that share one attention.
+"""The MM-DiT joint block: an image stream and a text stream that share one attention (SD3 paper §4, Fig. 2b).
 
-SD3 paper §4, Fig. 2b: each stream keeps its own weights (adaLN modulation, qkv, output projection, MLP), but
-the attention runs once over the concatenated tokens, so image and text read each other both ways. Every
-sub-layer is adaLN-Zero modulated by the conditioning vector (DiT §3.2): LayerNorm without affine, then
-x·(1 + scale) + shift, and the sub-layer's output is multiplied by a gate before it joins the residual.
-
-Variants, each a small class or one flag rather than a bag of options:
-* `StreamBlock`: the ordinary stream (6 modulation vectors: shift, scale, gate for attention and for MLP).
-  With `dual=True` it is SD3.5-Medium's MMDiT-X image stream: a second, image-only self-attention `attn2` with
-  its own 3 vectors, fed from the same LayerNorm output (Stability `mmditx.py`, `x_block_self_attn`).
-* `PreOnlyBlock`: the text stream of the last block, which only contributes q, k, v (nothing reads its output).
-Names follow the Stability checkpoint: `joint_blocks.{i}.x_block.adaLN_modulation.1`, `...attn.qkv`, ...
+Each stream keeps its own adaLN-Zero modulation, qkv, output projection and MLP (DiT §3.2); the attention runs
+once over the image tokens followed by the text tokens. SD3.5-Medium's MMDiT-X image stream adds an image-only
+attention `attn2`, and the last block's text stream only gives keys and values (docs/numerics.md §9.3-§9.6).
+Module names are the Stability checkpoint's: `joint_blocks.{i}.x_block.adaLN_modulation.1`, `...attn.qkv`, ...
 """
 
 from __future__ import annotations
@@ -25,52 +18,45 @@ from torch import Tensor, nn
 from .attention import SelfAttention, attention, merge_heads
 
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
-    from dense import DenseAttention, RegionalAttention
+    from dense import RegionalAttention, ScoreEdit
+
+
+@dataclass(frozen=True)
+class Modulation:
+    """One sub-layer's adaLN vectors, each (B, D): it reads LayerNorm(x)·(1 + scale) + shift, and its output
+    joins the residual stream times `gate` (None where nothing reads the output)."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StreamModulation:
+    """A stream's modulations, cut from its adaLN output in checkpoint order: attn, mlp, attn2."""
+
+    attn: Modulation
+    mlp: Modulation | None  # None in the last block's text stream
+    attn2: Modulation | None  # MMDiT-X image stream only
 
 
 def layer_norm(x: Tensor) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=1e-6)  # no affine: the modulation plays that role
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    # (B, L, D) by (B, D) per sample. The shift is added in place: one new (B, L, D) tensor instead of two, and
-    # the same two roundings as `x * (1 + scale) + shift` (torch.addcmul would fuse them into one, changing bits).
-    return (x * (1 + scale[:, None])).add_(shift[:, None])
+def modulate(x: Tensor, m: Modulation) -> Tensor:
+    # (B, L, D) by (B, D). Shift added in place, not addcmul: the same bits as diffusers (docs/numerics.md §9.9).
+    return (x * (1 + m.scale[:, None])).add_(m.shift[:, None])
 
 
 def gated_residual(x: Tensor, gate: Tensor, out: Tensor) -> Tensor:
-    """x + gate·out for a sub-layer's fresh output `out` (B, L, D), computed in `out`'s memory.
-
-    Bit for bit `x + gate[:, None] * out` (the same product, then the same sum; addition commutes exactly), but
-    without two new (B, L, D) tensors: on a CPU a fresh large tensor costs its page faults, which at SD3.5-Large
-    width take as long as the arithmetic (docs/numerics.md §9.9).
-    """
-    return clamp_fp16(out.mul_(gate[:, None]).add_(x))
+    """x + gate·out, bit for bit, in the memory of the sub-layer's fresh output `out` (docs/numerics.md §9.9)."""
+    return out.mul_(gate[:, None]).add_(x)
 
 
 def clamp_fp16(x: Tensor) -> Tensor:
-    """A float16 residual stream that passed ±65504 is held there instead of becoming inf, which the next
-    LayerNorm would turn into NaN for the whole token (docs/numerics.md §9.8). Any other dtype is returned as it
-    is, and finite float16 values are unchanged, so no result without an overflow changes by a bit."""
+    """A float16 residual stream held at ±65504 instead of inf; the identity otherwise (docs/numerics.md §9.8)."""
     return x.clamp(-65504.0, 65504.0) if x.dtype == torch.float16 else x
-
-
-@dataclass(frozen=True)
-class Modulation:
-    """One sub-layer's adaLN-Zero vectors, each (B, D)."""
-
-    shift: Tensor
-    scale: Tensor
-    gate: Tensor
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What a stream hands to the joint attention, and what it keeps for after it."""
-
-    qkv: tuple[Tensor, Tensor, Tensor]  # each (B, H, L, Dh)
-    mods: tuple[Modulation, ...]  # attention, MLP[, image-only attention]
-    normed: Tensor  # LayerNorm(x), (B, L, D): the dual block feeds it to attn2 too
 
 
 class MLP(nn.Module):
@@ -80,78 +66,82 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(4 * dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        # GELU in place on fc1's fresh (B, L, 4D) output: the widest tensor of the block is not allocated twice
-        # (the same kernel as F.gelu, so the same bits; under autograd torch keeps the input it needs).
+        # GELU in place on fc1's fresh (B, L, 4D) output: the same bits as F.gelu (docs/numerics.md §9.9).
         return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
 
 
 class StreamBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, dual: bool = False):
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (9 if dual else 6) * dim))
-        self.attn = SelfAttention(dim, num_heads, qk_norm)
-        self.attn2 = SelfAttention(dim, num_heads, qk_norm) if dual else None
-        self.mlp = MLP(dim)
+    """One stream's weights (Stability `DismantledBlock`): `x_block` or `context_block` of a joint block.
 
-    def pre_attention(self, x: Tensor, vec: Tensor) -> Prepared:
-        chunks = self.adaLN_modulation(vec).chunk(9 if self.attn2 is not None else 6, dim=-1)
-        mods = tuple(Modulation(*chunks[i : i + 3]) for i in range(0, len(chunks), 3))
-        normed = layer_norm(x)
-        return Prepared(self.attn.qkv_heads(modulate(normed, mods[0].shift, mods[0].scale)), mods, normed)
-
-    def post_attention(self, x: Tensor, attn_out: Tensor, prep: Prepared, dense: DenseAttention | RegionalAttention | None) -> Tensor:
-        """attn_out: this stream's rows of the joint attention output, (B, L, D)."""
-        msa, mlp = prep.mods[0], prep.mods[1]
-        x = gated_residual(x, msa.gate, self.attn.proj(attn_out))
-        if self.attn2 is not None:  # MMDiT-X: image-only attention, added after the joint one
-            msa2 = prep.mods[2]
-            q, k, v = self.attn2.qkv_heads(modulate(prep.normed, msa2.shift, msa2.scale))
-            x = gated_residual(x, msa2.gate, self.attn2.proj(merge_heads(attention(q, k, v, dense))))
-        return gated_residual(x, mlp.gate, self.mlp(modulate(layer_norm(x), mlp.shift, mlp.scale)))
-
-
-class PreOnlyBlock(nn.Module):
-    """The last block's text stream: modulation (shift, scale), then keys and values for the image tokens.
-
-    Nothing reads this stream's attention output, so its queries are not computed at all (the checkpoint still
-    holds their weights, in the fused `qkv`). diffusers and the Stability reference compute the text rows of
-    the attention and throw them away; skipping them changes no result and saves that work.
+    `dual`: MMDiT-X's image-only attention `attn2`. `pre_only`: the last block's text stream, with a (shift,
+    scale) modulation and `qkv` only (no output projection, no MLP).
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, *, dual: bool = False, pre_only: bool = False):
         super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.attn = SelfAttention(dim, num_heads, qk_norm, has_proj=False)
+        self.pre_only = pre_only
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 9 if dual else 6) * dim))
+        self.attn = SelfAttention(dim, num_heads, qk_norm, has_proj=not pre_only)
+        self.attn2 = SelfAttention(dim, num_heads, qk_norm) if dual else None
+        self.mlp = None if pre_only else MLP(dim)
 
-    def keys_values(self, c: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.attn.kv_heads(modulate(layer_norm(c), shift, scale))  # each (B, H, S, Dh)
+    def modulation(self, vec: Tensor) -> StreamModulation:
+        """vec (B, D) -> the stream's shift, scale and gate vectors, each (B, D) (docs/numerics.md §9.3)."""
+        v = self.adaLN_modulation(vec)
+        if self.pre_only:
+            return StreamModulation(Modulation(*v.chunk(2, dim=-1)), mlp=None, attn2=None)
+        v = v.chunk(6 if self.attn2 is None else 9, dim=-1)
+        attn2 = None if self.attn2 is None else Modulation(*v[6:9])
+        return StreamModulation(Modulation(*v[0:3]), Modulation(*v[3:6]), attn2)
 
 
 class JointBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, dual: bool, last: bool):
         super().__init__()
-        self.context_block = PreOnlyBlock(dim, num_heads, qk_norm) if last else StreamBlock(dim, num_heads, qk_norm)
+        self.context_block = StreamBlock(dim, num_heads, qk_norm, pre_only=last)
         self.x_block = StreamBlock(dim, num_heads, qk_norm, dual=dual)
 
     def forward(
-        self, x: Tensor, c: Tensor, vec: Tensor, dense: DenseAttention | RegionalAttention | None = None
+        self, x: Tensor, context: Tensor, vec: Tensor, dense: ScoreEdit | RegionalAttention | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """x (B, N, D) image tokens, c (B, S, D) text tokens, vec (B, D) -> updated (x, c); c is None after the last block."""
-        px = self.x_block.pre_attention(x, vec)
-        if isinstance(self.context_block, PreOnlyBlock):  # the last block: only the image tokens ask
-            kc, vc = self.context_block.keys_values(c, vec)
-            q, (kx, vx) = px.qkv[0], px.qkv[1:]
-            k, v = torch.cat([kx, kc], dim=2), torch.cat([vx, vc], dim=2)  # (B, H, N+S, Dh); q (B, H, N, Dh)
-            return self.x_block.post_attention(x, merge_heads(attention(q, k, v, dense)), px, dense), None
-        pc = self.context_block.pre_attention(c, vec)
-        # Image tokens first, then text: diffusers' order, so the softmax sums run in the same order.
-        q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(px.qkv, pc.qkv))  # (B, H, N+S, Dh)
-        out = attention(q, k, v, dense)  # (B, H, N+S, Dh)
-        # Split by token before merging heads, so each stream's projection gets a contiguous (B, L, D) matrix.
+        """x (B, N, D) image tokens, context (B, S, D) text tokens, vec (B, D) -> updated (x, context);
+        context is None after the last block."""
+        x_block, context_block = self.x_block, self.context_block
+        x_mod, context_mod = x_block.modulation(vec), context_block.modulation(vec)
+
+        # 1. Modulate both streams and project them to heads, each (B, H, L, Dh).
+        x_normed = layer_norm(x)  # MMDiT-X's attn2 reads it too
+        x_q, x_k, x_v = x_block.attn.qkv_heads(modulate(x_normed, x_mod.attn))
+        context_in = modulate(layer_norm(context), context_mod.attn)
+        # The last block's text stream only gives keys and values: nothing reads its rows (docs/numerics.md §9.6).
+        if context_block.pre_only:
+            q = x_q  # (B, H, N, Dh)
+            context_k, context_v = context_block.attn.kv_heads(context_in)
+        else:
+            context_q, context_k, context_v = context_block.attn.qkv_heads(context_in)
+            q = torch.cat([x_q, context_q], dim=2)  # (B, H, N+S, Dh)
+
+        # 2. Joint attention, image tokens first: diffusers' order, hence its softmax sums (docs/numerics.md §9.4).
+        k = torch.cat([x_k, context_k], dim=2)  # (B, H, N+S, Dh)
+        v = torch.cat([x_v, context_v], dim=2)
+        out = attention(q, k, v, dense)  # (B, H, N+S, Dh); (B, H, N, Dh) in the last block
         n = x.shape[1]
-        x = self.x_block.post_attention(x, merge_heads(out[:, :, :n]), px, dense)
-        return x, self.context_block.post_attention(c, merge_heads(out[:, :, n:]), pc, None)
+
+        # 3. Image stream: gated residuals of the joint attention, MMDiT-X's image-only attention, and the MLP.
+        # Each float16 sum is clamped to ±65504 (docs/numerics.md §9.8).
+        x = clamp_fp16(gated_residual(x, x_mod.attn.gate, x_block.attn.proj(merge_heads(out[:, :, :n]))))
+        if x_block.attn2 is not None:
+            x = clamp_fp16(gated_residual(x, x_mod.attn2.gate, x_block.attn2(modulate(x_normed, x_mod.attn2), dense)))
+        x = clamp_fp16(gated_residual(x, x_mod.mlp.gate, x_block.mlp(modulate(layer_norm(x), x_mod.mlp))))
+        if context_block.pre_only:
+            return x, None
+
+        # 4. Text stream: the same, without attn2.
+        context = clamp_fp16(gated_residual(context, context_mod.attn.gate,
+                                            context_block.attn.proj(merge_heads(out[:, :, n:]))))
+        context = clamp_fp16(gated_residual(context, context_mod.mlp.gate,
+                                            context_block.mlp(modulate(layer_norm(context), context_mod.mlp))))
+        return x, context
 
 
 class FinalLayer(nn.Module):
@@ -163,5 +153,5 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
-        return self.linear(modulate(layer_norm(x), shift, scale))  # (B, N, p*p*C)
+        m = Modulation(*self.adaLN_modulation(vec).chunk(2, dim=-1))
+        return self.linear(modulate(layer_norm(x), m))  # (B, N, p*p*C)

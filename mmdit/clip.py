@@ -1,26 +1,13 @@
 """The CLIP text transformer SD3 uses twice: CLIP-L (ViT-L/14) and CLIP-G (OpenCLIP bigG/14).
 
-Implements the numerics of transformers' `CLIPTextModelWithProjection` (docs/numerics.md §8.1) and what SD3
-takes out of it (docs/numerics.md §7; Stability's `SDClipModel` / `SDXLClipG` in `other_impls.py`). Radford
-et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision", §2.4 describes the text
-tower.
-
-A GPT-2 style stack of pre-LayerNorm blocks with a *causal* mask, run on the CLIP length's token ids (T, the
-tokenizers' model_max_length: 77 in every released model):
+The numerics of transformers' `CLIPTextModelWithProjection` (docs/numerics.md §8.1; Radford et al. 2021, §2.4),
+and the two things SD3 takes from it (`CLIPOutput`, docs/numerics.md §7): the sequence entering the last layer,
+and the final-normed end-of-text state through `text_projection`. Module names are transformers'
+(`text_model.encoder.layers.{i}...`), so the official files load with `load_state_dict(strict=True)`.
 
     h0 = token_embedding[ids] + position_embedding[0..T-1]
     h  = h + out_proj(attn(LN1(h)))      # causal: token t sees tokens 0..t
     h  = h + fc2(act(fc1(LN2(h))))       # act: quick_gelu for CLIP-L, exact gelu for CLIP-G
-
-SD3 reads two things out of it (`CLIPOutput`):
-* `penultimate`: the residual stream *entering* the last layer (transformers' `hidden_states[-2]`), without
-  the final LayerNorm. This is the per-token sequence the MM-DiT attends to.
-* `pooled`: the final-LayerNorm'd state at the end-of-text token, through `text_projection` (no bias).
-  SD3 defines CLIP-L's projection as the identity (the released clip_l file has none; the loader puts an
-  identity matrix there), CLIP-G's is a real 1280x1280 matrix.
-
-Attribute names equal the transformers names that the official files use (`text_model.encoder.layers.{i}...`),
-so a state dict loads with `load_state_dict(strict=True)`.
 """
 
 from __future__ import annotations

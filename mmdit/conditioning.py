@@ -1,12 +1,7 @@
-"""What the MM-DiT is conditioned on: the token sequence and the pooled vector.
+"""What the MM-DiT is conditioned on: the token sequence and the pooled vector, built from the text encoders.
 
-SD3 conditions every step on two tensors built from the three text encoders (diffusers' `encode_prompt`,
-docs/numerics.md §7): a sequence of CLIP tokens followed by the T5 tokens, all 4096 wide, and a 2048-wide
-pooled vector (CLIP-L ‖ CLIP-G). They always travel together, so they are one value.
-
-The CLIP part is as long as the CLIP tokenizers pad to, their `model_max_length` (diffusers'
-`StableDiffusion3Pipeline.tokenizer_max_length`): 77 in every released model, so it is not fixed here;
-`loaders.text.clip_length` reads it and this module takes whatever length the encoders were run at.
+A sequence of CLIP tokens followed by T5 tokens, all 4096 wide, and a 2048-wide pooled vector (CLIP-L ‖ CLIP-G),
+as diffusers' `encode_prompt` builds them (docs/numerics.md §7). They always travel together, so they are one value.
 """
 
 from __future__ import annotations
@@ -35,16 +30,11 @@ def assemble(
 ) -> Conditioning:
     """SD3's conditioning from the encoders' outputs, as diffusers' `encode_prompt` builds it (docs/numerics.md §7).
 
-    * context = [CLIP-L ‖ CLIP-G] penultimate states on the channel axis (both cast to CLIP-L's dtype),
-      zero-padded on the right to `context_dim` channels, then the T5 tokens appended on the token axis:
-      (B, L_clip, 768 + 1280) -> (B, L_clip, context_dim) -> (B, L_clip + t5_length, context_dim), where L_clip
-      is the length the CLIPs were run at (77 in every released model). If the CLIP channels
-      are wider than `context_dim` (only in tiny test models) they are cropped, as F.pad with a negative pad does.
-    * Without T5 (`t5` None) its place is taken by zeros (B, t5_length, context_dim) in CLIP-L's dtype
-      (diffusers >= 0.36; older versions used 77 tokens there).
-    * pooled = CLIP-L pooled ‖ CLIP-G pooled: (B, 768 + 1280).
-    Mixed dtypes are promoted by concatenation exactly as in diffusers (which never casts the pooled
-    vectors or the T5 tokens).
+    * context: [CLIP-L ‖ CLIP-G] penultimate states on the channel axis (in CLIP-L's dtype), zero-padded (or, in
+      tiny test models, cropped) to `context_dim` channels, then the T5 tokens, or zeros in their place without
+      T5: (B, L_clip + t5_length, context_dim), where L_clip is the length the CLIPs ran at (77 when released).
+    * pooled: CLIP-L pooled ‖ CLIP-G pooled, (B, 768 + 1280).
+    Mixed dtypes are promoted by concatenation exactly as in diffusers.
     """
     B = clip_l.penultimate.shape[0]
     if clip_g.penultimate.shape[0] != B or clip_l.penultimate.shape[1] != clip_g.penultimate.shape[1]:

@@ -19,7 +19,7 @@ subnormals begin.
 
 Modules are swapped in by name (`use_fp8_linears`) on a model built on the meta device, so the networks
 themselves are written with `nn.Linear` and know nothing of this; the two places that reach into a linear
-layer's weight use `linear_rows` and `compute_dtype` below.
+layer's weight use `compute_dtype` below and `FP8Linear.dequantized` (`mmdit.attention.linear_rows`).
 """
 
 from __future__ import annotations
@@ -120,31 +120,6 @@ class FP8Linear(nn.Module):
 def compute_dtype(layer: nn.Linear | FP8Linear) -> torch.dtype:
     """The dtype a linear layer computes in (for a plain layer, its weight's dtype)."""
     return layer.compute_dtype if isinstance(layer, FP8Linear) else layer.weight.dtype
-
-
-def linear_rows(layer: nn.Linear | FP8Linear, x: Tensor, start: int) -> Tensor:
-    """`layer(x)[..., start:]` without computing the outputs before `start` (the k, v rows of a fused qkv)."""
-    if isinstance(layer, FP8Linear):
-        weight = layer.dequantized(slice(start, None))
-    else:
-        weight = layer.weight[start:]
-    return F.linear(x, weight, None if layer.bias is None else layer.bias[start:])
-
-
-def quantize_linears(module: nn.Module, *, per_channel: bool = False) -> nn.Module:
-    """Every `nn.Linear` of an already loaded `module` replaced, in place, by an `FP8Linear` holding its
-    quantised weight (computing in the dtype the weight had). Returns `module`. Loading a file with
-    `weights="fp8"` gives the same layers without ever holding the whole model in full precision."""
-    for name, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]:
-        q, scale = quantize(layer.weight.detach(), per_channel=per_channel)
-        new = FP8Linear(layer.in_features, layer.out_features, layer.bias is not None,
-                        spec=FP8Spec(layer.weight.dtype, per_channel=per_channel), device=q.device)
-        new.weight.data, new.weight_scale.data = q, scale
-        if layer.bias is not None:
-            new.bias.data = layer.bias.detach()
-        parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name), child, new)
-    return module
 
 
 def use_fp8_linears(module: nn.Module, specs: Mapping[str, FP8Spec]) -> nn.Module:

@@ -1,16 +1,9 @@
 """The MM-DiT of Stable Diffusion 3 / 3.5 and its configuration, read from the weights.
 
-One class serves every released variant (docs/numerics.md §9.1):
-
-| variant        | depth | D    | QK-norm | image-only attention (MMDiT-X) | position table |
-|----------------|-------|------|---------|--------------------------------|----------------|
-| SD3 Medium     | 24    | 1536 | no      | none                           | 192 x 192      |
-| SD3.5 Medium   | 24    | 1536 | RMS     | blocks 0-12                    | 384 x 384      |
-| SD3.5 Large(+T)| 38    | 2432 | RMS     | none                           | 192 x 192      |
-
-Forward (SD3 paper §4, Fig. 2): patchify + position table -> tokens; t and pooled text -> one vector that
-modulates everything; text tokens through `context_embedder`; `depth` joint blocks; final adaLN + linear;
-unpatchify. The velocity it predicts is v = noise - x0 (rectified flow, paper §2).
+One class serves SD3 Medium, SD3.5 Medium (MMDiT-X) and SD3.5 Large / Large Turbo (docs/numerics.md §9.1).
+Forward (SD3 paper §4, Fig. 2): patchify + position table -> image tokens; t and pooled text -> the vector that
+modulates everything; text tokens through `context_embedder`; the joint blocks; final adaLN + linear; unpatchify.
+It predicts the velocity v = noise - x0 (rectified flow, paper §2).
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ from .embed import MLPEmbedder, PatchEmbed, cropped_pos_embed, timestep_frequenc
 from .errors import InputError
 
 if TYPE_CHECKING:
-    from dense import DenseAttention, RegionalAttention
+    from dense import RegionalAttention, ScoreEdit
 
     from .streaming import BlockStreamer
 
@@ -150,13 +143,14 @@ class MMDiT(nn.Module):
         context: Tensor,
         pooled: Tensor,
         skip_layers: Sequence[int] = (),
-        dense: DenseAttention | RegionalAttention | None = None,
+        dense: ScoreEdit | RegionalAttention | None = None,
     ) -> Tensor:
         """Predict the velocity.
 
         x (B, C, H, W) latents; t (B,) = σ·1000 as float; context (B, S, context_dim); pooled (B, pooled_dim).
         `skip_layers`: blocks not run at all (skip-layer guidance). `dense`: the layout control of this call,
-        DenseDiffusion's or Regional Prompting's (whose context then holds the regional prompts after the base).
+        DenseDiffusion's score edit or Regional Prompting's attention (whose context then holds the regional prompts
+        after the base prompt's tokens: docs/layout-control.md).
         Returns (B, C_out, H, W).
         """
         p = self.config.patch_size
@@ -167,10 +161,11 @@ class MMDiT(nn.Module):
         tokens = self.x_embedder(x)  # (B, h*w, D)
         tokens = (tokens + cropped_pos_embed(self.pos_embed, h, w)).to(tokens.dtype)
         vec = self.t_embedder(timestep_frequencies(t).to(pooled.dtype)) + self.y_embedder(pooled)  # (B, D)
-        c = self.context_embedder(context)  # (B, S, D)
+        context = self.context_embedder(context)  # (B, S, D)
         index = [i for i in range(len(self.joint_blocks)) if i not in skip_layers]
         blocks = [self.joint_blocks[i] for i in index]
         for i, block in zip(index, blocks if self.streamer is None else self.streamer.stream(blocks)):
-            tokens, c = block(tokens, c, vec, dense.for_block(i) if dense is not None else None)
+            # a block's own layout attention: Regional Prompting masks only every `interval`-th block
+            tokens, context = block(tokens, context, vec, dense.for_block(i) if dense is not None else None)
         out = self.final_layer(tokens, vec)  # (B, h*w, p*p*C)
         return rearrange(out, "B (h w) (p q C) -> B C (h p) (w q)", h=h, p=p, q=p)

@@ -1,27 +1,10 @@
 """Block streaming: the MM-DiT's joint blocks stay in host memory and visit the device one at a time.
 
-SD3.5-Large's transformer is 16.3 GB in 16-bit, more than a 16 GB GPU has. Nearly all of it is the 38 joint
-blocks, and a block's weights are only needed while that block runs. `offload_blocks(model, device)` keeps the
-blocks in pinned CPU memory (`pack_blocks`) and puts the small rest (embedders, position table, final layer) on
-the device; `MMDiT.forward` then runs its blocks through `BlockStreamer.stream`, which yields each block bound
-to a fresh device copy of its weights. While block n computes, block n + 1 is copied on a side stream, so the
-copy hides behind the computation when the link is fast enough; the device holds about two blocks (SD3.5-Large:
-2 x 0.43 GB) plus the rest (0.26 GB) and the activations.
-
-CUDA ordering (PyTorch docs, "CUDA semantics", "CUDA streams" and "Stream semantics"), with C the compute
-stream and S the copy stream:
-* a block's device tensors are allocated while C is current, so the caching allocator only ever hands their
-  memory back to later allocations on C, which are ordered after every kernel that read it;
-* S waits for C (`wait_stream`) before copying into them: the memory may have belonged, a moment ago on the
-  host's clock, to the block C is still computing (block n - 1), and must not be overwritten before C is done;
-* C waits for the copy's event (`wait_event`) before the block's kernels read the weights;
-* copies are `non_blocking` from pinned memory, so they are DMA transfers that overlap the kernels.
-The host never waits: the allocator reuses block n - 1's memory for block n + 1 as soon as block n - 1 has been
-queued, so the host running ahead of the device does not grow the device memory.
-
-On a device that is not CUDA (the CPU) the same code runs: the "copy" of a CPU tensor to the CPU is the tensor
-itself, so the output is bit for bit that of the unstreamed model (tests/test_memory.py), and this path is what
-keeps the streaming code exercised on machines without a GPU.
+For a model larger than the GPU (`--offload blocks`): nearly all of the weights are the joint blocks, and a block
+is only needed while it runs. `offload_blocks` keeps the blocks in pinned CPU memory and the rest on the device;
+`MMDiT.forward` then runs its blocks through `BlockStreamer.stream`, which copies block n + 1 while block n
+computes. On the CPU the "copy" is the tensor itself, so the output is bit for bit the unstreamed model's
+(tests/test_memory.py), and the streaming code runs on machines without a GPU too.
 """
 
 from __future__ import annotations
@@ -34,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 if TYPE_CHECKING:
-    from dense import DenseAttention
+    from dense import RegionalAttention, ScoreEdit
 
     from .model import MMDiT
 
@@ -50,16 +33,26 @@ class StreamedBlock:
         self.block = block
         self.weights: dict[str, Tensor] | None = weights
 
-    def __call__(self, x: Tensor, c: Tensor, vec: Tensor, dense: DenseAttention | None = None):
+    def __call__(self, x: Tensor, context: Tensor, vec: Tensor, dense: ScoreEdit | RegionalAttention | None = None):
         weights, self.weights = self.weights, None
         if weights is None:
             raise RuntimeError("a streamed block runs once: its device weights were released after its first call")
         # The host module's code, with the device tensors in place of its parameters and buffers.
-        return functional_call(self.block, weights, (x, c, vec, dense))
+        return functional_call(self.block, weights, (x, context, vec, dense))
 
 
 class BlockStreamer:
-    """Runs host-resident blocks on `device`, prefetching the next block's weights on a side CUDA stream."""
+    """Runs host-resident blocks on `device`, prefetching the next block's weights on a side CUDA stream.
+
+    Ordering (PyTorch docs, "CUDA semantics", "CUDA streams"), with C the compute stream and S the copy stream:
+    * a block's device tensors are allocated while C is current, so the caching allocator hands their memory
+      back only to later allocations on C, which are ordered after every kernel that read it;
+    * S waits for C (`wait_stream`) before copying into them: the memory may have belonged, a moment ago on the
+      host's clock, to the block C is still computing;
+    * C waits for the copy's event (`wait_event`) before the block's kernels read the weights;
+    * copies are `non_blocking` from pinned memory: DMA transfers that overlap the kernels.
+    The host never waits, and the device holds about two blocks at a time.
+    """
 
     def __init__(self, device: str | torch.device):
         self.device = torch.device(device)
@@ -91,10 +84,8 @@ class BlockStreamer:
         return weights, self.copy_stream.record_event()
 
 
-# PyTorch's pinned-memory allocator rounds every allocation up to a power of two (`CachingHostAllocator`), so
-# pinning tensor by tensor would waste up to half of each: 26.5 GB pinned for SD3.5-Large's 16.0 GB of blocks.
-# Blocks are packed, in order, into shared buffers of at most this many bytes instead: five of its 0.43 GB blocks
-# to a 2 GiB buffer, 17.2 GB pinned in all (SD3.5-Medium: 4.8 GB for 4.5 GB).
+# The pinned allocator rounds each allocation up to a power of two (`CachingHostAllocator`), so blocks are packed
+# into shared buffers of at most this many bytes rather than pinned tensor by tensor.
 PACK_BYTES = 2**31
 ALIGN = 64  # bytes: every tensor starts on a cache line, which also satisfies any dtype's alignment
 

@@ -1,32 +1,12 @@
 """The T5 v1.1 encoder (google/t5-v1_1-xxl) that gives SD3 its long, 4096-wide token sequence.
 
-Implements the numerics of transformers' `T5EncoderModel`, including its float16 behaviour
-(docs/numerics.md §8.2); Stability's `T5XXLModel` (`other_impls.py`) computes the same encoder. Raffel et al.
-2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer", §2.1 describes the
-architecture; v1.1 swaps ReLU for a gated GELU and unties the embeddings.
+The numerics of transformers' `T5EncoderModel`, its float16 rules included (docs/numerics.md §8.2; Raffel et al.
+2020, §2.1). Module names are the checkpoint's (`encoder.block.{i}.layer.0.SelfAttention.q`, ...).
 
     h = shared[ids]                                    # no scaling, no absolute positions
-    h = h + o(softmax(q k^T + bias) v)    on RMS(h)    # NO 1/sqrt(d) scaling; bias = relative-position table
+    h = h + o(softmax(q k^T + bias) v)    on RMS(h)    # no 1/sqrt(d); bias: relative-position table of block 0
     h = h + wo(gelu_tanh(wi_0 x) * wi_1 x) on x = RMS(h)
     out = RMS(h)
-
-Differences from a textbook transformer that matter for parity:
-* Norms are RMSNorm ("T5LayerNorm"): no mean subtraction, no bias, the mean square in float32, the result
-  cast back to the weight's dtype when that is float16/bfloat16, eps 1e-6.
-* The only position information is a learned scalar bias per (head, relative-distance bucket). Its table lives
-  in block 0 only (`encoder.block.0.layer.0.SelfAttention.relative_attention_bias`) and the same
-  (1, H, L, L) bias is added in every block. Distances are bucketed bidirectionally: exact for small
-  distances, log-spaced up to `max_distance`, then saturated (`relative_position_buckets`).
-* No attention mask: SD3 lets every token, padding included, attend everywhere.
-
-Float16: T5 activations grow large enough to overflow float16. transformers deals with it in two ways that we
-reproduce so a float16 run matches theirs (and never produces inf/NaN):
-1. after each sub-layer, a float16 residual stream is clamped to +-65504, or to +-(65504 - 1000) when it
-   already holds an inf (the margin keeps the next addition finite);
-2. `from_pretrained(torch_dtype=float16)` keeps every `wo` weight in float32 (`_keep_in_fp32_modules`). The
-   feed-forward output is then float32, and adding it promotes the residual stream to float32 from block 0
-   on; only the rest (norm outputs, q/k/v/o, wi) runs in float16. The forward below simply follows the
-   dtypes of the weights it is given; `loaders.text_encoder_keys.load_t5` keeps `wo` in float32 for float16.
 """
 
 from __future__ import annotations
@@ -116,7 +96,7 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int, 
 
 
 def clamp_fp16(h: Tensor) -> Tensor:
-    """Keep a float16 residual stream finite (see module docstring); other dtypes pass through."""
+    """Keep a float16 residual stream finite, as transformers does (docs/numerics.md §8.2); other dtypes pass."""
     if h.dtype != torch.float16:
         return h
     top = torch.finfo(torch.float16).max
@@ -183,7 +163,7 @@ class T5GatedFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         g = gelu_tanh(self.wi_0(x)) * self.wi_1(x)  # (B, L, d_ff)
-        # wo may be float32 while the rest is float16 (see module docstring): feed it its own dtype.
+        # wo may be float32 while the rest is float16 (docs/numerics.md §8.2): feed it its own dtype.
         return self.wo(g.to(compute_dtype(self.wo)))  # (B, L, D)
 
 

@@ -1,22 +1,9 @@
 """The 16-channel KL autoencoder of SD3 / SD3.5: image <-> latent.
 
-Architecture: the LDM "KL-f8" autoencoder (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
-Diffusion Models", §3 and appendix G) widened to 16 latent channels, as diffusers' `AutoencoderKL` and
-Stability's `SDVAE` (`sd3_impls.py`) build it for SD3 (docs/numerics.md §10):
-
-* pre-activation residual blocks GroupNorm -> SiLU -> conv3x3, twice, with a 1x1 `nin_shortcut` when the width
-  changes; every GroupNorm has eps 1e-6;
-* one single-head self-attention block in the middle (head width = all C channels, scale 1/sqrt(C));
-* nearest-neighbour x2 upsampling + conv3x3 in the decoder; zero-pad right/bottom + stride-2 conv3x3 in the
-  encoder.
-
-Module names are the Stability single-file names after the `first_stage_model.` prefix, so the original
-checkpoint loads with `load_state_dict(strict=True)`. Decoder levels are indexed by resolution as in LDM:
-`decoder.up.0` is the full-resolution level and runs *last*; diffusers stores the same levels in execution
-order (`up_blocks.0` = our `up.{n-1}`), see `loaders/vae_keys.py`.
-
-The latent the MM-DiT sees is `(mean-or-sample - shift_factor) * scaling_factor` (docs/numerics.md §10); `decode`
-undoes it, dividing first and adding the shift second, exactly as the diffusers pipeline does.
+The LDM "KL-f8" autoencoder (Rombach et al. 2022, §3) with 16 latent channels, as diffusers' `AutoencoderKL`
+and Stability's `SDVAE` (`sd3_impls.py`) build it for SD3 (docs/numerics.md §10). Module names are the Stability
+single-file names after `first_stage_model.` (decoder levels indexed by resolution: `decoder.up.0` is the full
+resolution and runs last; docs/numerics.md §11.3). `decode` / `encode` also undo / apply the latent normalisation.
 """
 
 from __future__ import annotations
@@ -175,10 +162,7 @@ class AttnBlock(nn.Module):
         q, k, v = (self._pointwise(conv, tokens).unsqueeze(1) for conv in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # one head of width C: softmax(q kᵀ / √C) v
         out = self._pointwise(self.proj_out, out.squeeze(1))  # (B, hw, C)
-        # Back to (B, C, h, w) as a *view* (channels-last in memory) with the residual added second, exactly as
-        # diffusers does: the sum then has diffusers' strides, and since convolutions and GroupNorm follow their
-        # input's memory layout, the rest of the network runs the same kernels with the same rounding.
-        # (A plain NCHW result differs by ~1e-6 relative.)
+        # A channels-last view, residual added second: diffusers' layout and rounding (docs/numerics.md §10).
         return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 

@@ -40,20 +40,26 @@ def slg(v: Tensor, v_cond: Tensor, v_skip: Tensor, scale: float) -> Tensor:
     return v + (v_cond - v_skip) * scale
 
 
+# diffusers' `StableDiffusion3Pipeline.__call__` defaults (skip_layer_guidance_scale / _start / _stop), which
+# SD3.5-medium's recipe uses: the one place they are stated (presets and loaders.pipeline.Settings read them).
+SLG_SCALE = 2.8
+SLG_START = 0.01
+SLG_STOP = 0.2
+
+
 @dataclass(frozen=True)
 class Guidance:
     """How to combine model evaluations into one velocity per step.
 
     ``scale`` is the CFG scale g. SLG is configured by ``slg_layers`` (transformer block indices to skip in the
-    extra pass; empty = no SLG), its scale and its step window as fractions of the run. The defaults of the SLG
-    fields are diffusers' ``__call__`` defaults.
+    extra pass; empty = no SLG), its scale and its step window as fractions of the run.
     """
 
     scale: float
     slg_layers: tuple[int, ...] = ()
-    slg_scale: float = 2.8
-    slg_start: float = 0.01
-    slg_stop: float = 0.2
+    slg_scale: float = SLG_SCALE
+    slg_start: float = SLG_START
+    slg_stop: float = SLG_STOP
 
     def __post_init__(self) -> None:
         if not isinstance(self.slg_layers, tuple) or not all(

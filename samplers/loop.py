@@ -36,6 +36,7 @@ from samplers.guidance import Guidance, cfg, slg, slg_active
 from samplers.schedule import noised, timesteps
 
 SAMPLERS = ("euler", "dpmpp_2m")
+DEFAULT_SAMPLER = "euler"  # diffusers' scheduler; "dpmpp_2m" is Stability's reference sampler
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def sample(
     guidance: Guidance,
     *,
     callback: Callable[[int, Tensor], None] | None = None,
-    sampler: str = "euler",
+    sampler: str = DEFAULT_SAMPLER,
     first_step: int = 0,
     inpaint: Inpaint | None = None,
 ) -> Tensor:

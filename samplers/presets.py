@@ -1,22 +1,19 @@
-"""Default sampling settings for each released SD3 / SD3.5 variant.
+"""Default sampling settings for each released SD3 / SD3.5 variant (sources: docs/numerics.md §2, §4).
 
-Sources (docs/numerics.md §2, §4): the schedule shift is the hub scheduler config (3.0 for all four
-models); steps and CFG scale are the model cards' diffusers usage; the SLG recipe for SD3.5-medium is the one
-diffusers' pipeline docstring gives (layers 7, 8, 9, scale 2.8, window 0.01–0.2).
-
-Stability's reference script (the ``CONFIGS`` table of ``sd3_infer.py``) ships other defaults, and samples with
-DPM-Solver++(2M): those are ``REFERENCE_PRESETS`` (``--preset reference``), for "the image the model card shows";
-the default stays diffusers' (Euler), because diffusers is our parity target. Reference values: SD3-medium shift
-1.0 / 50 steps / cfg 5.0; SD3.5-medium 50 steps / cfg 5.0 with SLG off by default; SD3.5-large 40 steps /
-cfg 4.5; Large Turbo 4 steps, Euler, cfg 1.0 (the reference still evaluates the negative prompt; with cfg ≤ 1
-we skip it, which gives the same velocity up to rounding). ComfyUI's SLG node defaults to scale 3.0 and stop 0.15.
+`PRESETS` are diffusers' (the model cards' steps and CFG, the hub schedulers' shift, Euler, and SD3.5-medium's
+skip-layer guidance from diffusers' pipeline docstring): the default, because diffusers is the parity target.
+`REFERENCE_PRESETS` (`--preset reference`) are Stability's reference script's (`CONFIGS` in `sd3_infer.py`,
+DPM-Solver++(2M)), for "the image the model card shows".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from samplers.guidance import Guidance
+from samplers.guidance import SLG_SCALE, SLG_START, SLG_STOP, Guidance
+from samplers.loop import DEFAULT_SAMPLER
+
+IMAGE_SIZE = 1024  # the releases' image side in pixels (diffusers' default height and width)
 
 
 @dataclass(frozen=True)
@@ -25,11 +22,11 @@ class Preset:
     cfg: float
     shift: float
     slg_layers: tuple[int, ...] = ()  # empty: no skip-layer guidance
-    slg_scale: float = 2.8
-    slg_start: float = 0.01
-    slg_stop: float = 0.2
+    slg_scale: float = SLG_SCALE
+    slg_start: float = SLG_START
+    slg_stop: float = SLG_STOP
     max_sequence_length: int = 256  # T5 tokens of the prompt (diffusers' default; the built-in model uses fewer)
-    sampler: str = "euler"  # one of samplers.SAMPLERS
+    sampler: str = DEFAULT_SAMPLER  # one of samplers.SAMPLERS
 
     @property
     def guidance(self) -> Guidance:
@@ -38,9 +35,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "sd3-medium": Preset(steps=28, cfg=7.0, shift=3.0),
-    "sd3.5-medium": Preset(
-        steps=40, cfg=4.5, shift=3.0, slg_layers=(7, 8, 9), slg_scale=2.8, slg_start=0.01, slg_stop=0.2
-    ),
+    "sd3.5-medium": Preset(steps=40, cfg=4.5, shift=3.0, slg_layers=(7, 8, 9)),  # SLG scale and window: the defaults
     "sd3.5-large": Preset(steps=28, cfg=3.5, shift=3.0),
     # Distilled for 4 steps without guidance: cfg 0 switches CFG off, so there is one model call per step.
     "sd3.5-large-turbo": Preset(steps=4, cfg=0.0, shift=3.0),
@@ -51,5 +46,6 @@ REFERENCE_PRESETS: dict[str, Preset] = {
     "sd3-medium": Preset(steps=50, cfg=5.0, shift=1.0, sampler="dpmpp_2m"),
     "sd3.5-medium": Preset(steps=50, cfg=5.0, shift=3.0, sampler="dpmpp_2m"),
     "sd3.5-large": Preset(steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),
+    # The reference still evaluates the negative prompt at cfg 1; we skip it (the same velocity up to rounding).
     "sd3.5-large-turbo": Preset(steps=4, cfg=1.0, shift=3.0, sampler="euler"),
 }

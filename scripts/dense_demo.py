@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Make the README's DenseDiffusion picture: the image and each phrase's attention map, without and with the layout.
+"""Make the DenseDiffusion pictures of README.md and docs/layout-benchmark.md: the image and each phrase's attention map, without and with the layout.
 
     python scripts/dense_demo.py --out docs/dense            (the built-in model; --model for real weights)
 
 Calls `loaders.Pipeline` twice on the same prompt and seed, with strength 0 (maps recorded, nothing
-modulated) and with the given strength, then puts the images and the per-phrase maps side by side in one PNG
+edited) and with the given strength, then puts the images and the per-phrase maps side by side in one PNG
 (top row: without, bottom row: with) and prints each region's in-region fraction.
 """
 
@@ -14,14 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from PIL import Image, ImageDraw
 
-from PIL import Image, ImageDraw  # noqa: E402
-
-from dense import PRESETS  # noqa: E402
-from loaders import Pipeline  # noqa: E402
-from loaders.layout import save_attention_maps  # noqa: E402
-from mmdit.errors import InputError  # noqa: E402
+from dense import PRESETS
+from loaders import Pipeline
+from loaders.layout import save_attention_maps
+from mmdit.errors import InputError
 
 
 def grid(rows: list[list[Path | Image.Image]], labels: list[str], titles: list[str], pad: int = 4,

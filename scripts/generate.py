@@ -23,18 +23,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dense import PRESETS, RegionalConfig  # noqa: E402
-from loaders.checkpoint import OFFLOAD  # noqa: E402
-from loaders.fp8 import WEIGHTS  # noqa: E402
-from loaders.lora import LoRA  # noqa: E402
-from loaders.pipeline import DTYPES, LAYOUT_METHODS, PRESET_KINDS  # noqa: E402
-from mmdit.errors import InputError  # noqa: E402
-from samplers import DEFAULT_STRENGTH, SAMPLERS, first_step  # noqa: E402
+from dense import PRESETS, RegionalConfig
+from loaders.checkpoint import OFFLOAD
+from loaders.fp8 import WEIGHTS
+from loaders.lora import LoRA
+from loaders.pipeline import DTYPES, LAYOUT_METHODS, PRESET_KINDS
+from mmdit.errors import InputError
+from samplers import DEFAULT_STRENGTH, SAMPLERS, first_step
 
 TEMPLATE = "out/{index:04d}.png"  # --out for --prompts when none is given
 
@@ -54,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros in its place, as diffusers does)")
     src.add_argument("--lora", action="append", type=_lora, default=[], metavar="PATH[:SCALE]",
                      help="merge a LoRA (.safetensors: diffusers/PEFT, kohya or ComfyUI keys) at SCALE (default 1); "
-                          "repeatable (README: LoRA)")
+                          "repeatable (docs/lora.md)")
     smp = p.add_argument_group("sampling (defaults: the detected model's preset)")
     smp.add_argument("--steps", type=int)
     smp.add_argument("--cfg", type=float, help="classifier-free guidance scale; <= 1 turns CFG off")
@@ -79,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lay.add_argument("--layout", type=Path, help="layout JSON: a phrase per region (mask or box)")
     lay.add_argument("--layout-method", choices=list(LAYOUT_METHODS), default="dense",
                      help="dense: DenseDiffusion's score edit; regional: each phrase a prompt of its own, masked")
-    lay.add_argument("--dense-strength", type=float, default=1.0, help="modulation strength (0: off, maps still recorded)")
+    lay.add_argument("--dense-strength", type=float, default=1.0, help="score-edit strength (0: off, maps still recorded)")
     lay.add_argument("--dense-preset", choices=list(PRESETS), default="faithful")
     lay.add_argument("--attention-maps", type=Path, help="write per-phrase attention maps and stats.json here")
     regional = RegionalConfig()
@@ -98,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--vae-dtype", choices=list(DTYPES), help="the VAE's dtype (default: --dtype; float32 helps "
                      "CPUs whose 16-bit convolutions are slow)")
     run.add_argument("--device", help="default: cuda if available (under torchrun: cuda:LOCAL_RANK), else cpu")
-    mem = p.add_argument_group("memory (README: Memory)")
+    mem = p.add_argument_group("memory (docs/performance.md)")
     mem.add_argument("--offload", choices=list(OFFLOAD), default="none",
                      help="blocks: keep the MM-DiT's joint blocks in CPU memory, streamed to the GPU as they run")
     mem.add_argument("--t5-device", help="run T5 on this device instead (e.g. cpu), in --dtype; its output "
@@ -138,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--attention-maps records DenseDiffusion's maps; it does not go with --layout-method regional")
     if args.attention_maps and not args.layout:
         p.error("--attention-maps needs a --layout (its regions and phrases are what is measured); "
-                "for a baseline without modulation add --dense-strength 0")
+                "for a baseline without the score edit add --dense-strength 0")
     return args
 
 

@@ -53,7 +53,7 @@ rounding is 4e-3 / 5e-4 of a value, and two correct engines that round in a diff
 q/k/v, other kernels) each land about one "precision noise" away from the float32 result. Measured on random
 transformers of SD3.5-Medium width (24 heads of 64, CPU): bfloat16 vs float32 1.0e-2 (4 blocks) and 1.1e-2
 (12 blocks), ours vs diffusers 0; float16 vs float32 4.3e-3 / 5.5e-3, ours vs diffusers 4.9e-3 / 5.8e-3
-(4 / 12 blocks); scripts/bench.py's SD3.5-Large-width check, ours vs diffusers in bfloat16: 6.2e-3. The bounds
+(4 / 12 blocks); scripts/bench/bench.py's SD3.5-Large-width check, ours vs diffusers in bfloat16: 6.2e-3. The bounds
 are 3-5x those, for deeper models and GPU kernels. A wrong key or formula (swapped shift/scale, a missing norm)
 gives differences of 1e-1 to 1; a slightly-off weight can hide inside the reduced-precision bounds, so check
 float32 first.
@@ -76,13 +76,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from loaders.memory import release_memory  # noqa: E402
-from loaders.pipeline import DTYPES  # noqa: E402
-from mmdit.errors import InputError  # noqa: E402
+from loaders.memory import release_memory
+from loaders.pipeline import DTYPES
+from mmdit.errors import InputError
 
 if TYPE_CHECKING:
     from loaders.checkpoint import Checkpoint
@@ -391,7 +390,7 @@ def architecture(checkpoint: Checkpoint, files: TextFiles | None, *, vae: bool,
     the VAE when `vae`, the text encoders when `files` (the text rows run), each the configuration the loader
     would build (`transformer_config`, `vae_config`, `clip_config`, `t5_config`)."""
     from loaders.checkpoint import transformer_config, vae_config
-    from loaders.text_encoder_keys import clip_config, t5_config
+    from loaders.text_encoders import clip_config, t5_config
 
     configs: dict[str, object] = {"MM-DiT": transformer or transformer_config(checkpoint)}
     if vae:  # `has_encoder` set True: only the decoder runs here, so a decoder-only file still fits AutoencoderKL
@@ -472,7 +471,7 @@ def reference_clip(where: EncoderFile, activation: str, setup: Setup) -> torch.n
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from loaders.safetensors import load_weights
-    from loaders.text_encoder_keys import clip_config, clip_state_dict
+    from loaders.text_encoders import clip_config, clip_state_dict
 
     if where.path.is_dir():
         model = CLIPTextModelWithProjection.from_pretrained(where.path, torch_dtype=setup.dtype)
@@ -499,7 +498,7 @@ def reference_t5(where: EncoderFile, setup: Setup) -> torch.nn.Module:
     from transformers import T5EncoderModel
 
     from loaders.safetensors import load_weights
-    from loaders.text_encoder_keys import t5_config, t5_state_dict
+    from loaders.text_encoders import t5_config, t5_state_dict
 
     if where.path.is_dir():
         return T5EncoderModel.from_pretrained(where.path, torch_dtype=setup.dtype).to(setup.device).eval()

@@ -4,6 +4,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 if [ "$#" -eq 0 ]; then
-  set -- --prompt "a red circle" --out out/builtin.png --overwrite  # one object: what the built-in model draws reliably (README)
+  set -- --prompt "a red circle" --out out/builtin.png --overwrite  # one object: what the built-in model draws reliably (docs/builtin-model.md)
 fi
 exec .venv/bin/python scripts/generate.py "$@"

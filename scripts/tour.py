@@ -8,11 +8,11 @@ image and text tokens, with one image token's attention drawn), the schedule, ev
 
 Nothing is restated: each number comes from calling the library's own functions, in the order the pipeline
 calls them (`loaders.text.encode_texts`, `loaders.pipeline.generate_latents`, `decode_images`); the joint block
-is run through its own sub-steps (`pre_attention`, `attention`, `post_attention`) and checked against the block's
-`forward`. The `module:function` names are read off the objects that ran, so they follow the code.
+is run through the steps of `JointBlock.forward` (modulation, attention, gated residuals) and checked against
+the block's `forward`. The `module:function` names are read off the objects that ran, so they follow the code.
 
 With --save DIR it also writes DIR/tour.md, a page that ties it together, with the pictures beside it: latent
-previews after every step (through the fixed linear latent-to-RGB map of `mmdit.latent_preview`), the
+previews after every step (through the fixed linear latent-to-RGB map of `scripts/preview.py`), the
 attention picture and the decoded image. Default: the built-in tiny model, trained on a world of coloured shapes,
 with one of its captions. --model as in generate.py.
 """
@@ -28,14 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import numpy as np
+import torch
+from torch import Tensor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from loaders.memory import release_memory  # noqa: E402
-from loaders.pipeline import DTYPES  # noqa: E402
-from mmdit.errors import InputError  # noqa: E402
+from loaders.memory import release_memory
+from loaders.pipeline import DTYPES
+from mmdit.errors import InputError
+
+if __package__:  # imported as `scripts.tour` (the tests)
+    from .preview import latent_preview
+else:  # run as `python scripts/tour.py`: Python looks for imports in this folder first
+    from preview import latent_preview
 
 if TYPE_CHECKING:
     from loaders.pipeline import Pipeline, Settings
@@ -113,7 +117,7 @@ class Stage:
     summary: tuple[str, ...] = ()  # tensors named in the page's overview (default: the last two)
 
     def __post_init__(self) -> None:
-        # Two calls may run the same function (both streams' pre_attention): list it once.
+        # Two calls may run the same function (both streams' modulation): list it once.
         object.__setattr__(self, "code", tuple(dict.fromkeys(self.code)))
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -235,7 +239,7 @@ def text_stages(tour: Tour, pipe: Pipeline, prompt: str, negative: str | None, l
     """Tokenization, the three encoders and the assembly, run by the library's `encode_prompts`; the stages
     show its intermediate values (each encoder's own outputs) and the configurations its loaders inferred."""
     from loaders.text import encode_prompts, encode_texts
-    from loaders.text_encoder_keys import clip_config, load_clip, load_t5, t5_config
+    from loaders.text_encoders import clip_config, load_clip, load_t5, t5_config
     from loaders.tokenizers import ClipTokenizer, T5Tokenizer
     from mmdit.clip import CLIPTextModel
     from mmdit.conditioning import assemble, repeat_for_images
@@ -360,9 +364,8 @@ def attention_picture(image_part: np.ndarray, clip_part: np.ndarray, t5_part: np
 def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: EncodedPrompts) -> Tensor:
     from loaders.pipeline import generate_latents
     from mmdit.attention import attention, merge_heads
-    from mmdit.block import PreOnlyBlock, layer_norm, modulate
+    from mmdit.block import clamp_fp16, gated_residual, layer_norm, modulate
     from mmdit.embed import cropped_pos_embed, timestep_frequencies
-    from mmdit.latent_preview import latent_preview
     from samplers import cfg as cfg_fn
     from samplers import euler_step, initial_noise, sample, shifted, sigmas, slg, slg_active, timesteps
 
@@ -415,28 +418,33 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
          f"The context is projected from {context.shape[-1]} to {config.dim} channels by `context_embedder`.",),
     ))
 
-    # 6-7. Joint block 0 through its own sub-steps.
+    # 6-7. Joint block 0 through the steps of its forward.
     block = model.joint_blocks[0]
-    px = block.x_block.pre_attention(tokens, vec)
-    pc = block.context_block.pre_attention(c, vec)
-    x_mod_names = ["attention", "MLP"] + (["image-only attention"] if block.x_block.attn2 is not None else [])
+    x_block, context_block = block.x_block, block.context_block
+    x_mod, c_mod = x_block.modulation(vec), context_block.modulation(vec)
     rows = []
-    for stream, prep, names in (("image", px, x_mod_names), ("text", pc, ["attention", "MLP"])):
-        for sub, mod in zip(names, prep.mods):
+    for stream, mods in (("image", x_mod), ("text", c_mod)):
+        for sub, mod in (("attention", mods.attn), ("MLP", mods.mlp), ("image-only attention", mods.attn2)):
             for part in ("shift", "scale", "gate"):
-                v = getattr(mod, part)
-                rows.append((stream, sub, part, str(tuple(v.shape)), _fmt(v.min().item()), _fmt(v.max().item())))
-    if isinstance(block.context_block, PreOnlyBlock):
+                v = None if mod is None else getattr(mod, part)
+                if v is not None:
+                    rows.append((stream, sub, part, str(tuple(v.shape)), _fmt(v.min().item()),
+                                 _fmt(v.max().item())))
+    pre_only = context_block.pre_only  # a one-block model: nothing reads the text rows
+    if pre_only:
         rows.append(("text", "attention", "shift, scale", "(last block: no gates, no MLP)", "", ""))
+    x_normed = layer_norm(tokens)
+    x_qkv = x_block.attn.qkv_heads(modulate(x_normed, x_mod.attn))
+    c_in = modulate(layer_norm(c), c_mod.attn)
+    c_qkv = (None, *context_block.attn.kv_heads(c_in)) if pre_only else context_block.attn.qkv_heads(c_in)
     x_chunks = block.x_block.adaLN_modulation[1].out_features // config.dim
     c_chunks = block.context_block.adaLN_modulation[1].out_features // config.dim
     tour.stages.append(Stage(
         "modulation", "Joint block 0: adaLN modulation",
-        (where(block.x_block.pre_attention), where(block.context_block.pre_attention), where(layer_norm),
-         where(modulate)),
-        (TensorInfo.of("image adaLN output", block.x_block.adaLN_modulation(vec)),
-         TensorInfo.of("text adaLN output", block.context_block.adaLN_modulation(vec)),
-         TensorInfo.of("image q", px.qkv[0]), TensorInfo.of("text q", pc.qkv[0])),
+        (where(x_block.modulation), where(layer_norm), where(modulate)),
+        (TensorInfo.of("image adaLN output", x_block.adaLN_modulation(vec)),
+         TensorInfo.of("text adaLN output", context_block.adaLN_modulation(vec)),
+         TensorInfo.of("image q", x_qkv[0]), *(() if pre_only else (TensorInfo.of("text q", c_qkv[0]),))),
         (f"SiLU(vec) -> Linear gives {x_chunks} vectors of width {config.dim} for the image stream"
          + (" (the third triple feeds SD3.5-Medium's extra image-only attention)" if x_chunks == 9 else "")
          + f" and {c_chunks} for the text stream. Each sub-layer sees LayerNorm(x)·(1 + scale) + shift and its "
@@ -448,9 +456,10 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
     ))
 
     n_img = tokens.shape[1]
-    q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(px.qkv, pc.qkv))  # (1, H, N+S, Dh): image first
+    q = x_qkv[0] if pre_only else torch.cat([x_qkv[0], c_qkv[0]], dim=2)  # (1, H, N+S, Dh): image first
+    k, v = (torch.cat([a, b], dim=2) for a, b in zip(x_qkv[1:], c_qkv[1:]))
     out = attention(q, k, v)
-    out_x, out_c = merge_heads(out).split([n_img, c.shape[1]], dim=1)
+    out_x, out_c = merge_heads(out[:, :, :n_img]), merge_heads(out[:, :, n_img:])
     # The picture: one image token's attention weights, recomputed explicitly from the same q and k.
     qi = (gh // 2) * gw + gw // 2
     scores = (q[0, :, qi, None].float() @ k[0].float().transpose(-1, -2)).squeeze(1) * q.shape[-1] ** -0.5  # (H, N+S)
@@ -475,9 +484,9 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
     picture = attention_picture(img.reshape(gh, gw), clip_part, t5_part, (gh // 2, gw // 2))
     tour.stages.append(Stage(
         "attention", "Joint block 0: attention over image and text tokens",
-        (where(block.x_block.attn.qkv_heads), where(attention), where(merge_heads)),
+        (where(x_block.attn.qkv_heads), where(attention), where(merge_heads)),
         (TensorInfo.of("q", q), TensorInfo.of("k", k), TensorInfo.of("v", v), TensorInfo.of("output", out),
-         TensorInfo.of("image rows", out_x), TensorInfo.of("text rows", out_c)),
+         TensorInfo.of("image rows", out_x), *(() if pre_only else (TensorInfo.of("text rows", out_c),))),
         (f"One softmax attention over all {q.shape[2]} tokens: {n_img} image tokens first, then {c.shape[1]} text "
          f"tokens, so image and text read each other in both directions.",
          f"Drawn: image token {qi} (grid cell ({gh // 2}, {gw // 2}), outlined), weights averaged over the "
@@ -490,9 +499,14 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
         summary=("q", "output"),
     ))
 
-    x1 = block.x_block.post_attention(tokens, out_x, px, None)
-    pre_only = isinstance(block.context_block, PreOnlyBlock)  # a one-block model: nothing reads the text rows
-    c1 = None if pre_only else block.context_block.post_attention(c, out_c, pc, None)
+    x1 = clamp_fp16(gated_residual(tokens, x_mod.attn.gate, x_block.attn.proj(out_x)))
+    if x_block.attn2 is not None:
+        x1 = clamp_fp16(gated_residual(x1, x_mod.attn2.gate, x_block.attn2(modulate(x_normed, x_mod.attn2))))
+    x1 = clamp_fp16(gated_residual(x1, x_mod.mlp.gate, x_block.mlp(modulate(layer_norm(x1), x_mod.mlp))))
+    c1 = None
+    if not pre_only:
+        c1 = clamp_fp16(gated_residual(c, c_mod.attn.gate, context_block.attn.proj(out_c)))
+        c1 = clamp_fp16(gated_residual(c1, c_mod.mlp.gate, context_block.mlp(modulate(layer_norm(c1), c_mod.mlp))))
     x_ref, c_ref = block(tokens, c, vec)
     diff = (x1 - x_ref).abs().max().item()
     if c1 is not None:
@@ -501,7 +515,7 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
     if c1 is not None:
         tensors.append(TensorInfo.of("text tokens out", c1))
     tour.stages.append(Stage(
-        "block", "Joint block 0: after attention", (where(block.x_block.post_attention), where(block.forward)),
+        "block", "Joint block 0: after attention", (where(gated_residual), where(block.forward)),
         tuple(tensors),
         ("Each stream: x + gate·proj(its rows of the attention output)"
          + (", then x + gate·attn2(...) (the image-only attention)" if block.x_block.attn2 is not None else "")
@@ -577,7 +591,7 @@ def transformer_stages(tour: Tour, pipe: Pipeline, settings: Settings, text: Enc
          + ", and the latent moves along the line: x ← x + (σ_next - σ)·v, in float32.",
          "The table's velocity is (x_after - x_before)/(σ_next - σ), recovered from the latents the loop hands its "
          "callback; the x0 estimate x - σ·v is where the current line ends. Previews go through the fixed "
-         "latent-to-RGB map (mmdit/latent_preview.py)."),
+         "latent-to-RGB map (scripts/preview.py)."),
         (Table(("step", "σ", "latent std", "max |Δx|", "velocity std", "latent and x0 estimate"), tuple(step_rows)),),
         tuple(pictures),
     ))
@@ -664,7 +678,7 @@ def write_page(tour: Tour, folder: Path, command: str) -> Path:
         + (f"; negative prompt: *{h['negative_prompt']!r}*" if h["negative_prompt"] is not None else "")
         + f". {h['width']}x{h['height']} pixels, {h['steps']} steps, CFG {h['cfg']}, shift {h['shift']}, "
         f"seed {h['seed']}, {h['dtype']} on {h['device']}."
-        + (" The built-in model was trained on a world of coloured shapes (`scripts/train_builtin.py`), so "
+        + (" The built-in model was trained on a world of coloured shapes (`scripts/builtin/train.py`), so "
            "that is all it draws." if h["model"] == "builtin" else ""),
         "",
         "| # | stage | main outputs | code |",

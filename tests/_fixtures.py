@@ -6,15 +6,33 @@ defaults: a swapped shift/scale or a missing norm weight shows up as a large dif
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from mmdit import init
+from loaders.builtin import CLIP_VOCAB_SIZE, MODEL_DIR, T5_VOCAB_SIZE
+from tests import random_weights
 
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    return init.randomize_(module, torch.Generator().manual_seed(seed)).eval()
+    return random_weights.randomize_(module, torch.Generator().manual_seed(seed)).eval()
+
+
+def builtin_tokenizers(root: Path, clip_length: int = 77) -> Path:
+    """The built-in model's tokenizer folders (tokenizer/, tokenizer_2/, tokenizer_3/) copied under `root`, both
+    CLIP tokenizers' model_max_length set to `clip_length` (the shipped files say 16; 77 as released). The files
+    are byte for byte those `scripts/builtin/tokenizers.py` writes for that length. Returns `root`."""
+    root = Path(root)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.copytree(MODEL_DIR / name, root / name)
+    for name in ("tokenizer", "tokenizer_2"):
+        path = root / name / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) | {"model_max_length": clip_length}
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return root
 
 
 # Tiny configurations of each released architecture (diffusers constructor arguments).
@@ -77,19 +95,13 @@ def tiny_text_pipeline(root, clip_length: int = 77):
     Tokenizers are the project's built-in ones (offline); the reference loads them with transformers.
     `clip_length`: the CLIP tokenizers' model_max_length and the CLIP encoders' positions (77 as released).
     """
-    import shutil
-    from pathlib import Path
-
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
     from transformers import T5TokenizerFast
 
-    from loaders.builtin_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE, write_builtin_tokenizers
-
     root = Path(root)
-    toks = root / "tokenizers"
-    write_builtin_tokenizers(toks, clip_length)
+    toks = builtin_tokenizers(root / "tokenizers", clip_length)
 
     def clip(width, heads, act, seed):
         torch.manual_seed(seed)

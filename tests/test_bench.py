@@ -1,4 +1,5 @@
-"""scripts/bench.py in its smallest mode: it runs, agrees with diffusers, and reports what it promises.
+"""scripts/bench/bench.py (and profile_step.py) in its smallest mode: it runs, agrees with diffusers, and reports
+what it promises.
 
 A smoke test, not a timing assertion: the numbers depend on the machine; their shape and consistency do not.
 """
@@ -11,7 +12,7 @@ import os
 import pytest
 import torch
 
-from scripts.bench import Shape, attention_memory, main
+from scripts.bench.bench import Shape, attention_memory, main
 
 # The peak-memory probe resets Linux's peak resident size through /proc; some containers forbid that write.
 PEAK_PROBE = os.access("/proc/self/clear_refs", os.W_OK)
@@ -90,7 +91,7 @@ def test_bad_arguments_are_refused(capsys):
 
 
 def test_profile_step_tiny_has_a_row_per_engine_and_dtype(capsys):
-    from scripts.profile_step import main as profile_main
+    from scripts.bench.profile_step import main as profile_main
 
     assert profile_main(["--tiny", "--blocks", "1", "--calls", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]

@@ -1,6 +1,6 @@
 """The trained built-in model draws its world, and layout control moves its objects (small seeded samples).
 
-The full figures come from `scripts/layout_bench.py` (README, "The built-in model"); these tests keep a small,
+The full figures come from `scripts/bench/layout_bench.py` (docs/builtin-model.md); these tests keep a small,
 fixed sample of them honest. Images come from the same code and seeds on every run, but another CPU may round
 differently, so each assertion leaves a margin below what was measured here (given in each test).
 """
@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from loaders.pipeline import Pipeline
-from scripts import layout_bench, shapes
+from scripts.bench import layout_bench
+from scripts.builtin import shapes
 from scripts.generate import main as generate
 
 
@@ -26,7 +27,7 @@ def pipe():
 def test_builtin_model_draws_the_named_colours_and_some_shapes(pipe):
     """16 random captions. Measured here: 31 of 31 named colours present, 16 of 31 objects with the right shape
     too, 7 of 16 images with every object right. (The goal, every named object right in 0.8 of the images, is
-    not reached: README, "The built-in model".)"""
+    not reached: docs/builtin-model.md.)"""
     rng = random.Random(5)
     objects = shapes_right = colours_right = 0
     for i in range(16):

@@ -161,13 +161,13 @@ def test_clip_length_fallback_and_encoder_positions(tiny16, tmp_path):
 
 
 def test_train_builtin_text_side_default_is_shipped_and_16_keeps_the_features(tmp_path):
-    """`scripts/train_builtin.py`'s text stage: with --clip-length 16 (its default) the shipped tokenizers and the
+    """`scripts/builtin/train.py`'s text stage: with --clip-length 16 (its default) the shipped tokenizers and the
     shipped encoders' layout (their weights are these, trained further with the MM-DiT: --train-text): CLIPs of
     16 positions whose features at a caption's positions are the 77-position ones."""
     from safetensors.torch import load_file
 
     from loaders.builtin import MODEL_DIR
-    from scripts.train_builtin import all_captions, encode_captions, parse_args, write_text_side
+    from scripts.builtin.train import all_captions, encode_captions, parse_args, write_text_side
 
     assert parse_args([]).clip_length == CLIP and parse_args([]).train_text
     write_text_side(tmp_path / "77", 0)

@@ -15,6 +15,7 @@ from dense import (CLIP_TOKENS, PRESETS, AttentionMaps, DenseConfig, DensePlan, 
                    PhraseMatch, RegionTokens, active_steps, assign_tokens, box_mask, layout_prompt, map_to_image,
                    match_phrase, parse_layout, read_layout, region_masks, replace_phrase_embeddings,
                    resize_nearest, step_lambdas, text_classes)
+from dense.reference import reference_row_constant, reference_scores
 from mmdit.attention import attention
 
 INF = float("inf")
@@ -48,11 +49,11 @@ def joint_row_scores(rows: int) -> torch.Tensor:
     return torch.stack([s, -s])[None].clone()
 
 
-def modulated(config: DenseConfig, q: int, strength: float = 1.0) -> torch.Tensor:
+def edited(config: DenseConfig, q: int, strength: float = 1.0) -> torch.Tensor:
     d = tiny_plan(config, strength).for_call(0, slice(0, 1))
-    assert d is not None and d.modulating
-    # soft mode returns the formula minus the row constant c_I·m_I (same softmax), subtracted below as `shift`
-    return d.modulate(joint_row_scores(1), q, q + 1)[0, :, 0]  # (2, 8): per head
+    assert d is not None and d.editing
+    # soft mode returns s' minus the row constant ω_I·m_I (same softmax), subtracted below as `row_constant`
+    return d.edit(joint_row_scores(1), q, q + 1)[0, :, 0]  # (2, 8): per head
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,39 +61,39 @@ def modulated(config: DenseConfig, q: int, strength: float = 1.0) -> torch.Tenso
 
 
 def test_image_query_ii_and_it():
-    out = modulated(PRESETS["faithful"], q=0)  # image token of region 0: size 0.5
-    # II: c = 0.3·0.5 = 0.15; keys 0,1 (region 0) pulled up to M = 4, keys 2,3 down to m = 1
-    # IT: c = 1.0·0.5 = 0.5; text key 1 (phrase 0) up to M = 2, every other text key down to m = -1
+    out = edited(PRESETS["faithful"], q=0)  # image token of region 0: size 0.5
+    # II: ω = 0.3·0.5 = 0.15; keys 0,1 (region 0) pulled up to M = 4, keys 2,3 down to m = 1
+    # IT: ω = 1.0·0.5 = 0.5; text key 1 (phrase 0) up to M = 2, every other text key down to m = -1
     expected = [1 + 0.15 * 3, 2 + 0.15 * 2, 3 - 0.15 * 2, 4 - 0.15 * 3, 0 - 0.5 * 1, 2.0, 1 - 0.5 * 2, -1.0]
-    shift = 0.15 * 1  # the dropped row constant c_I·m_I
-    torch.testing.assert_close(out[0], torch.tensor(expected) - shift, rtol=0, atol=1e-6)
+    row_constant = 0.15 * 1  # the dropped ω_I·m_I
+    torch.testing.assert_close(out[0], torch.tensor(expected) - row_constant, rtol=0, atol=1e-6)
 
 
 def test_stats_are_per_head():
-    out = modulated(PRESETS["faithful"], q=0)
+    out = edited(PRESETS["faithful"], q=0)
     # head 1 sees the negated row: image M = -1, m = -4; text M = 1, m = -2
     expected = [-1 + 0.15 * 0, -2 + 0.15 * 1, -3 - 0.15 * 1, -4 - 0.15 * 0, 0 - 0.5 * 2, -2 + 0.5 * 3, -1 - 0.5 * 1,
                 1 - 0.5 * 3]
-    torch.testing.assert_close(out[1], torch.tensor(expected) - 0.15 * -4, rtol=0, atol=1e-6)  # shift c_I·m_I
+    torch.testing.assert_close(out[1], torch.tensor(expected) - 0.15 * -4, rtol=0, atol=1e-6)  # ω_I·m_I
 
 
-def test_step_weight_scales_the_pull():
-    out = modulated(PRESETS["faithful"], q=2, strength=0.5)  # region 1: size 0.75, λ = 0.5
-    c_ii, c_it = 0.5 * 0.3 * 0.75, 0.5 * 1.0 * 0.75
-    expected = [1 - c_ii * 0, 2 - c_ii * 1, 3 + c_ii * 1, 4 - c_ii * 3,
-                0 - c_it * 1, 2 - c_it * 3, 1 + c_it * 1, -1.0]
-    torch.testing.assert_close(out[0], torch.tensor(expected) - c_ii * 1, rtol=0, atol=1e-6)
+def test_step_weight_scales_the_edit():
+    out = edited(PRESETS["faithful"], q=2, strength=0.5)  # region 1: size 0.75, λ = 0.5
+    omega_ii, omega_it = 0.5 * 0.3 * 0.75, 0.5 * 1.0 * 0.75
+    expected = [1 - omega_ii * 0, 2 - omega_ii * 1, 3 + omega_ii * 1, 4 - omega_ii * 3,
+                0 - omega_it * 1, 2 - omega_it * 3, 1 + omega_it * 1, -1.0]
+    torch.testing.assert_close(out[0], torch.tensor(expected) - omega_ii * 1, rtol=0, atol=1e-6)
 
 
 def test_unassigned_image_query_is_flattened_with_size_one():
-    out = modulated(PRESETS["faithful"], q=3)
-    # R empty, Q = every key; size 1: c_ii = 0.3, c_it = 1.0 (text row collapses onto its minimum)
+    out = edited(PRESETS["faithful"], q=3)
+    # R empty, Q = every key; size 1: ω_ii = 0.3, ω_it = 1.0 (text row collapses onto its minimum)
     expected = [1.0, 2 - 0.3 * 1, 3 - 0.3 * 2, 4 - 0.3 * 3, -1.0, -1.0, -1.0, -1.0]
     torch.testing.assert_close(out[0], torch.tensor(expected) - 0.3 * 1, rtol=0, atol=1e-6)
 
 
 def test_text_queries_ti_and_tt_in_joint_preset():
-    out = modulated(PRESETS["joint"], q=5)  # text token of phrase 0: size 0.5, c_ti = 0.5, c_tt = 0.15
+    out = edited(PRESETS["joint"], q=5)  # text token of phrase 0: size 0.5, ω_ti = 0.5, ω_tt = 0.15
     expected = [1 + 0.5 * 3, 2 + 0.5 * 2, 3 - 0.5 * 2, 4 - 0.5 * 3,  # TI: region 0 up, the rest down
                 0.0, 2.0, 1 - 0.15 * 2, -1.0]  # TT: 'other' keys 4, 7 neutral; phrase 1's key down
     torch.testing.assert_close(out[0], torch.tensor(expected) - 0.5 * 1, rtol=0, atol=1e-6)
@@ -100,9 +101,9 @@ def test_text_queries_ti_and_tt_in_joint_preset():
 
 def test_text_queries_untouched_in_faithful_and_other_rows_never():
     row = joint_row_scores(1)[0, :, 0]
-    torch.testing.assert_close(modulated(PRESETS["faithful"], q=5), row, rtol=0, atol=0)  # w_ti = w_tt = 0
-    torch.testing.assert_close(modulated(PRESETS["joint"], q=4), row, rtol=0, atol=0)  # class 'other'
-    torch.testing.assert_close(modulated(PRESETS["joint"], q=7), row, rtol=0, atol=0)
+    torch.testing.assert_close(edited(PRESETS["faithful"], q=5), row, rtol=0, atol=0)  # w_ti = w_tt = 0
+    torch.testing.assert_close(edited(PRESETS["joint"], q=4), row, rtol=0, atol=0)  # class 'other'
+    torch.testing.assert_close(edited(PRESETS["joint"], q=7), row, rtol=0, atol=0)
 
 
 def test_size_term_clamps_at_zero():
@@ -110,21 +111,21 @@ def test_size_term_clamps_at_zero():
     plan = DensePlan.build(regions, [PhraseMatch(range(1, 2), range(0))], ["all"], n_txt=4, sigmas=[1.0] * 4,
                            num_steps=4, shift=1.0, config=DenseConfig(sizereg=1.5))
     s = joint_row_scores(4)[:, :, :4]
-    out = plan.for_call(0, slice(0, 1)).modulate(s.clone(), 0, 4)
+    out = plan.for_call(0, slice(0, 1)).edit(s.clone(), 0, 4)
     torch.testing.assert_close(out, s, rtol=0, atol=0)  # size = max(0, 1 - 1.5) = 0: nothing moves
 
 
 def test_hard_mode():
-    out = modulated(PRESETS["hard"], q=0)[0]  # region 0: other image keys and every non-phrase-0 text key out
+    out = edited(PRESETS["hard"], q=0)[0]  # region 0: other image keys and every non-phrase-0 text key out
     assert out.tolist() == [1.0, 2.0, -INF, -INF, -INF, 2.0, -INF, -INF]
-    out = modulated(PRESETS["hard"], q=5)[0]  # phrase 0: image keys outside region 0 and phrase 1's key out
+    out = edited(PRESETS["hard"], q=5)[0]  # phrase 0: image keys outside region 0 and phrase 1's key out
     assert out.tolist() == [1.0, 2.0, -INF, -INF, 0.0, 2.0, -INF, -1.0]
     row = joint_row_scores(1)[0, 0, 0]
-    assert torch.equal(modulated(PRESETS["hard"], q=3)[0], row)  # unassigned image rows are left alone
-    assert torch.equal(modulated(PRESETS["hard"], q=4)[0], row)  # 'other' text rows too
+    assert torch.equal(edited(PRESETS["hard"], q=3)[0], row)  # unassigned image rows are left alone
+    assert torch.equal(edited(PRESETS["hard"], q=4)[0], row)  # 'other' text rows too
     # every row keeps its own diagonal and so a finite softmax
     d = tiny_plan(PRESETS["hard"]).for_call(0, slice(0, 1))
-    s = d.modulate(torch.randn(2, 3, 8, 8), 0, 8)
+    s = d.edit(torch.randn(2, 3, 8, 8), 0, 8)
     assert torch.isfinite(s.diagonal(dim1=-2, dim2=-1)).all()
     assert torch.isfinite(s.softmax(-1)).all()
 
@@ -132,57 +133,16 @@ def test_hard_mode():
 def test_image_only_attention_uses_ii_only():
     d = tiny_plan(PRESETS["joint"]).for_call(0, slice(0, 1))
     s = torch.tensor(IMG_ROW).expand(4, 4)[None, None].clone()  # (1, 1, 4, 4): image queries, image keys
-    out = d.modulate(s, 0, 4)[0, 0]
+    out = d.edit(s, 0, 4)[0, 0]
     expected0 = torch.tensor([1 + 0.15 * 3, 2 + 0.15 * 2, 3 - 0.15 * 2, 4 - 0.15 * 3])
-    torch.testing.assert_close(out[0], expected0 - 0.15 * 1)  # minus the row constant c·m, as above
+    torch.testing.assert_close(out[0], expected0 - 0.15 * 1)  # minus the row constant ω·m, as above
     torch.testing.assert_close(out[3], torch.tensor([1.0, 2 - 0.3 * 1, 3 - 0.3 * 2, 4 - 0.3 * 3]) - 0.3 * 1)
     with pytest.raises(ValueError, match="keys"):
-        d.modulate(torch.zeros(1, 1, 4, 6), 0, 4)
+        d.edit(torch.zeros(1, 1, 4, 6), 0, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The formula against a literal per-pair implementation, and chunking
-
-
-def reference_modulation(s: torch.Tensor, seg: torch.Tensor, cls: torch.Tensor, area: list[float],
-                         cfg: DenseConfig, lam: float) -> torch.Tensor:
-    """docs/densediffusion.md §6 pair by pair; also the row constant c_I·m_I that soft mode drops. Image-only
-    attention when s has N_img keys (then give cls empty)."""
-    n_img, n = seg.numel(), seg.numel() + cls.numel()
-    label = torch.cat([seg, cls]).tolist()
-    out = s.clone()
-    shift = torch.zeros(s.shape[:-1])
-    for q in range(n):
-        qi = q < n_img
-        n_q = label[q]
-        if not qi and n_q < 0:
-            continue  # 'other' text rows
-        size = 1.0 if n_q < 0 else max(0.0, 1 - cfg.sizereg * area[n_q])
-        for blk, keys in ((True, range(n_img)), (False, range(n_img, n))):
-            w = {(True, True): cfg.w_ii, (True, False): cfg.w_it, (False, True): cfg.w_ti,
-                 (False, False): cfg.w_tt}[(qi, blk)]
-            if w == 0:
-                continue
-            ks = list(keys)
-            if not ks:
-                continue  # image-only attention has no text block
-            hi = s[..., q, ks].amax(-1)
-            lo = s[..., q, ks].amin(-1)
-            for k in ks:
-                R = n_q >= 0 and label[k] == n_q
-                if qi or blk:
-                    Q = not R
-                else:
-                    Q = label[k] >= 0 and not R  # TT: only other phrases
-                if cfg.hard:
-                    if Q and n_q >= 0:
-                        out[..., q, k] = -INF
-                    continue
-                c = lam * w * size
-                out[..., q, k] = s[..., q, k] + c * (R * (hi - s[..., q, k]) - Q * (s[..., q, k] - lo))
-            if blk and not cfg.hard:
-                shift[..., q] = lam * w * size * lo
-    return out, shift
+# The fast path against the pair-by-pair reference (dense.reference), and chunking
 
 
 def random_layout(seed: int, n_img: int = 24, n_txt: int = 10):
@@ -206,20 +166,22 @@ def test_matches_reference_and_chunking(preset):
     lam = 0.8 * (0.9 / (3 - 2 * 0.9)) ** 5
     assert d.step_weight == pytest.approx(lam)
     s = torch.randn(2, 3, 34, 34, generator=g)
-    full = d.modulate(s.clone(), 0, 34)
-    ref, shift = reference_modulation(s, regions.seg, cls, area, cfg, lam)
-    torch.testing.assert_close(full, ref - shift[..., None], rtol=1e-6, atol=1e-6)
+    full = d.edit(s.clone(), 0, 34)
+    ref = reference_scores(s, regions.seg, cls, area, cfg, lam)
+    row_constant = reference_row_constant(s, regions.seg, cls, area, cfg, lam)
+    torch.testing.assert_close(full, ref - row_constant[..., None], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(full.softmax(-1), ref.softmax(-1), rtol=1e-6, atol=1e-7)
     for bounds in ([0, 5, 24, 34], [0, 23, 25, 34], [0, 7, 14, 21, 28, 34]):  # chunks inside and across N_img
-        chunked = torch.cat([d.modulate(s[:, :, a:b].clone(), a, b) for a, b in zip(bounds, bounds[1:])], dim=2)
+        chunked = torch.cat([d.edit(s[:, :, a:b].clone(), a, b) for a, b in zip(bounds, bounds[1:])], dim=2)
         # a chunk holding text rows takes another order of operations for the text block: rounding only
         torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
     # SD3.5-M's image-only attn2: N_img keys, the II rule alone
     s_img = s[:, :, :24, :24]
-    ref, shift = reference_modulation(s_img, regions.seg, cls[:0], area, cfg, lam)
-    torch.testing.assert_close(d.modulate(s_img.clone(), 0, 24), ref - shift[..., None], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(d.modulate(s_img[:, :, 9:20].clone(), 9, 20), ref[:, :, 9:20] - shift[..., 9:20, None],
-                               rtol=1e-6, atol=1e-6)
+    ref = reference_scores(s_img, regions.seg, cls[:0], area, cfg, lam)
+    row_constant = reference_row_constant(s_img, regions.seg, cls[:0], area, cfg, lam)
+    torch.testing.assert_close(d.edit(s_img.clone(), 0, 24), ref - row_constant[..., None], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(d.edit(s_img[:, :, 9:20].clone(), 9, 20),
+                               ref[:, :, 9:20] - row_constant[..., 9:20, None], rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,19 +218,25 @@ def test_linear_preset_is_faithful_with_a_linear_decay():
     assert all(x > y for x, y in zip(lams[1:], step_lambdas(sigmas, K, shift=a)[1:]))  # more push after step 0
 
 
+def test_config_mode_is_soft_or_hard():
+    assert PRESETS["faithful"].mode == "soft" and PRESETS["hard"].mode == "hard"
+    with pytest.raises(ValueError, match='mode must be "soft" or "hard"'):
+        DenseConfig(mode="medium")
+
+
 def test_for_call_window_and_plain_path():
     plan = tiny_plan(PRESETS["faithful"])  # 3 steps -> round(0.9) = 1 active step
     assert plan.num_active == 1
     d = plan.for_call(0, slice(1, 2))
-    assert d is not None and d.rows == slice(1, 2) and d.modulating and d.chunk_size == 64
+    assert d is not None and d.rows == slice(1, 2) and d.editing and d.chunk_size == 64
     assert plan.for_call(1, slice(1, 2)) is None
     assert tiny_plan(PRESETS["faithful"], strength=0.0).for_call(0, slice(1, 2)) is None
-    # recording forces the explicit path in the window, without modulating
+    # recording forces the explicit path in the window, without editing
     rec = tiny_plan(PRESETS["faithful"], strength=0.0, record=True)
     d = rec.for_call(0, slice(1, 2))
-    assert d is not None and not d.modulating and d.maps is rec.maps
+    assert d is not None and not d.editing and d.maps is rec.maps
     s = torch.randn(1, 2, 8, 8)
-    assert torch.equal(d.modulate(s.clone(), 0, 8), s)
+    assert torch.equal(d.edit(s.clone(), 0, 8), s)
     assert rec.for_call(0, slice(1, 2), skip_layers=(7,)) is None  # SLG pass: not recorded
     assert rec.for_call(1, slice(1, 2)) is None
 
@@ -548,7 +516,7 @@ def test_replace_phrase_embeddings_rows_and_channels():
 
 
 @pytest.mark.parametrize("preset", ["faithful", "joint", "hard"])
-def test_modulation_raises_in_region_fraction(preset):
+def test_score_edit_raises_in_region_fraction(preset):
     regions, matches, cls, area, g = random_layout(1)
     q, k, v = (torch.randn(1, 2, 34, 8, generator=g) for _ in range(3))
     fractions = []

@@ -52,8 +52,8 @@ def test_no_layout_and_strength_zero_are_bit_identical(builtin, tmp_path):
     recorded, _ = run(root, tmp_path, "maps", "--layout", str(layout), "--dense-strength", "0",
                       "--attention-maps", str(tmp_path / "maps"))
     assert torch.equal(plain, recorded) and (tmp_path / "maps" / "stats.json").is_file()
-    modulated, _ = run(root, tmp_path, "mod", "--layout", str(layout))
-    assert not torch.equal(plain, modulated)  # so the equality above is not vacuous
+    edited, _ = run(root, tmp_path, "mod", "--layout", str(layout))
+    assert not torch.equal(plain, edited)  # so the equality above is not vacuous
     meta = read_png_metadata(png)
     assert meta["layout"]["regions"][1] == {"phrase": "a red circle", "box": [0.625, 0.0, 1.0, 0.375]}
 
@@ -110,14 +110,14 @@ def _plan(n_img_side=4, n_txt=12, chunk=5, preset="joint"):
                            num_steps=2, shift=1.0, config=PRESETS[preset], chunk_size=chunk)
 
 
-def test_unmodulated_rows_are_the_plain_result_bit_for_bit():
+def test_unedited_rows_are_the_plain_result_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 28, 8, generator=g) for _ in range(3))  # 16 image + 12 text tokens
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     dense = _plan().for_call(0, slice(1, 2))
     out = attention(q.clone(), k.clone(), v.clone(), dense)
     assert torch.equal(out[0], plain[0])  # the negative half
-    assert not torch.allclose(out[1], plain[1], atol=1e-3)  # the positive half was modulated
+    assert not torch.allclose(out[1], plain[1], atol=1e-3)  # the positive half was edited
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -135,7 +135,7 @@ def test_plain_rows_bit_for_bit_at_real_head_size(dtype):
     assert torch.equal(out[0], plain[0])
     assert torch.equal(out[1, :, side * side:], plain[1, :, side * side:])
     assert not torch.allclose(out[1, :, :side * side].float(), plain[1, :, :side * side].float(), atol=1e-2)
-    # joint modulates phrase rows too: every positive query is explicit
+    # joint edits phrase rows too: every positive query is explicit
     assert _plan(preset="joint").for_call(0, slice(1, 2)).explicit_queries(28) == 28
 
 

@@ -3,8 +3,8 @@
 The central check (`test_mmdit_fp8_equals_diffusers_on_dequantized_weights`): our float8 MM-DiT equals diffusers'
 `SD3Transformer2DModel` loaded with the float8 weights dequantised, in float32 (1e-5 of the output scale) and in
 bfloat16 (the tolerance of the bfloat16 parity tests), so the only difference float8 makes is the rounding of the
-weights. That rounding's effect on the outputs is recorded per model (`quant_error`); scripts/fp8_error.py
-reports it for the real-width models too.
+weights. That rounding's effect on the outputs is recorded per model (`quant_error`);
+scripts/bench/fp8_error.py reports it for the real-width models too.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from loaders.fp8 import UnsupportedQuantization
 from loaders.pipeline import Pipeline
 from loaders.safetensors import CheckpointError
 from loaders.text import find_text_files
-from loaders.text_encoder_keys import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
+from loaders.text_encoders import CLIP_G_PREFIX, CLIP_L_PREFIX, T5_PREFIX, load_clip, load_t5
 from loaders.transformer_keys import transformer_from_diffusers, transformer_to_diffusers
+from mmdit.attention import linear_rows
 from mmdit.errors import InputError
-from mmdit.fp8 import FP8Linear, FP8Spec, compute_dtype, dequantize, linear_rows, quantize
+from mmdit.fp8 import FP8Linear, FP8Spec, compute_dtype, dequantize, quantize
 from mmdit.model import MMDiT, MMDiTConfig
 from tests._fixtures import TINY, diffusers_transformer
+from tests.random_weights import random_tensor, randomize_
 from tests.test_text_encoders import hf_t5, hf_t5_config, rel_err, t5_weights, write_t5_folder
 from tests.test_transformer import inputs, run_ref
 
@@ -234,15 +236,13 @@ def test_mmdit_fp8_equals_diffusers_on_dequantized_weights(variant, tmp_path, re
 def test_mmdit_fp8_real_width_bf16_equals_diffusers_on_dequantized_weights(tmp_path, record_property):
     """SD3.5-Large's width (2432 = 38 heads of 64), one block (the last kind: the text tokens only give keys and
     values, through `linear_rows`), a bfloat16 file quantised while loading, computed in bfloat16; diffusers gets
-    the dequantised weights without a random initialisation of its own. (scripts/fp8_error.py: two blocks.)"""
+    the dequantised weights without a random initialisation of its own. (scripts/bench/fp8_error.py: two blocks.)"""
     from diffusers import SD3Transformer2DModel
-
-    from mmdit import init
 
     cfg = MMDiTConfig(depth=1, num_heads=38, head_dim=64, pos_embed_max_size=24)
     with torch.device("meta"):
         model = MMDiT(cfg)
-    model = init.randomize_(model.to_empty(device="cpu"), torch.Generator().manual_seed(50))
+    model = randomize_(model.to_empty(device="cpu"), torch.Generator().manual_seed(50))
     model.pos_embed.normal_(generator=torch.Generator().manual_seed(51))
     path = save(tmp_path / "large.safetensors",
                 {f"model.diffusion_model.{k}": v.bfloat16() for k, v in model.state_dict().items()})
@@ -527,8 +527,6 @@ def test_quantizing_while_loading_needs_no_full_precision_copy(tmp_path):
     import subprocess
     import sys
 
-    from scripts.memory_bench import random_tensor
-
     cfg = MMDiTConfig(depth=16, num_heads=4, head_dim=64, pos_embed_max_size=32)  # 38 M weights, none over 1 M
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in MMDiT(cfg).state_dict().items()}
@@ -552,7 +550,7 @@ def test_quantizing_while_loading_needs_no_full_precision_copy(tmp_path):
 
 
 def test_memory_bench_tiny(tmp_path, capsys):
-    from scripts.memory_bench import main
+    from scripts.bench.memory_bench import main
 
     report = tmp_path / "bench.json"
     args = ["--blocks", "1", "--width", "128", "--size", "128", "--warmup", "0", "--work", str(tmp_path),

@@ -388,7 +388,7 @@ def test_text_encoder_and_transformer_lora_end_to_end(tmp_path):
     to the same encoder weights."""
     from safetensors.torch import load_file
 
-    from loaders.text_encoder_keys import load_clip
+    from loaders.text_encoders import load_clip
     from scripts.generate import main
     from tests._fixtures import tiny_text_pipeline
 

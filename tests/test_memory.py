@@ -19,10 +19,10 @@ import mmdit.block
 from loaders.memory import MemoryLog, memory_table
 from loaders.pipeline import Pipeline
 from mmdit.errors import InputError
-from mmdit.init import randomize_
 from mmdit.model import MMDiT, MMDiTConfig
 from mmdit.streaming import BlockStreamer, StreamedBlock, offload_blocks, pack_blocks
 from scripts.generate import main as generate
+from tests.random_weights import randomize_
 
 PROMPT = "a red circle"
 STEPS = ("--steps", "2")
@@ -195,7 +195,7 @@ def test_cli_prints_the_memory_table_even_when_quiet(tmp_path, capsys):
 
 
 def test_gpu_check_cpu_fallback_has_a_row_per_mode_and_dtype(tmp_path, capsys):
-    from scripts.gpu_check import DTYPES, MODES, STAGES, main
+    from scripts.bench.gpu_check import DTYPES, MODES, STAGES, main
 
     assert main(["--device", "cpu", "--work", str(tmp_path), "--json", str(tmp_path / "check.json")]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "mode |" not in line]

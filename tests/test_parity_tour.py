@@ -147,7 +147,7 @@ def test_parity_reference_does_not_use_our_reader(monkeypatch, tmp_path):
     """Checking a model against itself means two independent readings of its files: the reference reads
     single files with safetensors itself, so what our reader returns cannot leak into the reference side."""
     import loaders.checkpoint
-    import loaders.text_encoder_keys
+    import loaders.text_encoders
     from loaders.builtin import FILE_NAME
 
     def perturbing(read, key, file_name):
@@ -160,8 +160,8 @@ def test_parity_reference_does_not_use_our_reader(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loaders.checkpoint, "read_tensors", perturbing(
         loaders.checkpoint.read_tensors, MMDIT_KEY.removeprefix(loaders.checkpoint.TRANSFORMER_PREFIX), FILE_NAME))
-    monkeypatch.setattr(loaders.text_encoder_keys, "read_tensors", perturbing(
-        loaders.text_encoder_keys.read_tensors, CLIP_G_KEY, "clip_g"))
+    monkeypatch.setattr(loaders.text_encoders, "read_tensors", perturbing(
+        loaders.text_encoders.read_tensors, CLIP_G_KEY, "clip_g"))
     code = parity.main(["--components", "clip-l,clip-g,transformer", "--height", "64", "--width", "64",
                         "--json", str(tmp_path / "p.json"), "--quiet"])
     rows = _rows(tmp_path / "p.json")

@@ -42,5 +42,4 @@ def test_the_python_guide_runs_and_makes_its_pictures(tmp_path, capsys):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     run_guide(Path(sys.argv[1]).resolve())

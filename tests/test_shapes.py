@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from scripts import shapes
+from scripts.builtin import shapes
 
 
 def test_captions_follow_the_grammar_and_objects_never_touch():

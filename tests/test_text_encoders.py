@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderM
 from transformers import T5Config as HFT5Config
 
 from loaders.safetensors import CheckpointError, load_weights
-from loaders.text_encoder_keys import (
+from loaders.text_encoders import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
     T5_PREFIX,

@@ -1,4 +1,5 @@
-"""`scripts/train_builtin.py`'s trainable text side (training itself is not part of the suite)."""
+"""`scripts/builtin/train.py`'s trainable text side and `scripts/builtin/tokenizers.py` (training the models
+itself is not part of the suite)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def test_text_tower_starts_as_the_frozen_encoders_and_exports_their_layout(tmp_p
     Stability's clip_l file does not carry), and export writes the files with the keys they had."""
     from mmdit.model import MMDiT
     from mmdit.vae import VAE
-    from scripts.train_builtin import TextTower, all_captions, encode_captions, export, write_text_side
+    from scripts.builtin.train import TextTower, all_captions, encode_captions, export, write_text_side
 
     folder = tmp_path / "text"
     write_text_side(folder, 0, 16)
@@ -48,7 +49,7 @@ def test_text_tower_starts_as_the_frozen_encoders_and_exports_their_layout(tmp_p
 def test_dit_stopped_and_resumed_is_the_same_run(tmp_path):
     """`--dit-stop-at` then the same command without it gives the weights of one uninterrupted run: every random
     draw comes from a saved generator, and the schedule spans --dit-steps either way."""
-    from scripts.train_builtin import Log, parse_args, train_dit
+    from scripts.builtin.train import Log, parse_args, train_dit
 
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(6, 16, 16, 16, generator=g)
@@ -74,7 +75,7 @@ def test_text_frozen_at_text_steps_across_a_resume(tmp_path):
     """With --train-text the encoders train for --text-steps steps, then stay as they were (what ships is their
     weights at the freeze, which the MM-DiT trained on from there); a run stopped before the freeze, stopped
     again after it and resumed gives exactly the weights of one uninterrupted run."""
-    from scripts.train_builtin import Log, TextTower, all_captions, parse_args, train_dit, write_text_side
+    from scripts.builtin.train import Log, TextTower, all_captions, parse_args, train_dit, write_text_side
 
     folder = tmp_path / "text"
     write_text_side(folder, 0, 16)
@@ -114,8 +115,8 @@ def test_text_frozen_at_text_steps_across_a_resume(tmp_path):
 
 def test_bf16_defaults_to_what_the_cpu_computes_natively(monkeypatch, tmp_path):
     """Without --bf16 / --no-bf16 the autocast follows the CPU: emulated bfloat16 (an AVX2-only CPU) made a step
-    about 15x slower than float32 (README, "The built-in model"), so it is on only where it is native."""
-    from scripts.train_builtin import parse_args
+    about 15x slower than float32 (docs/builtin-model.md), so it is on only where it is native."""
+    from scripts.builtin.train import parse_args
 
     work = ["--work", str(tmp_path)]
     for native in (False, True):
@@ -123,3 +124,20 @@ def test_bf16_defaults_to_what_the_cpu_computes_natively(monkeypatch, tmp_path):
         assert parse_args(work).bf16 is native
         assert parse_args([*work, "--bf16"]).bf16 is True
         assert parse_args([*work, "--no-bf16"]).bf16 is False
+
+
+def test_builtin_tokenizer_files_are_deterministic_and_silent(tmp_path, capfd):
+    """The tokenizer trainer writes the shipped tokenizer files byte for byte (at the CLIP length 77 that
+    `tests._fixtures.builtin_tokenizers` gives them), printing nothing, and trains the same merges every time."""
+    from scripts.builtin.tokenizers import train_clip_bpe, write_builtin_tokenizers
+    from tests._fixtures import builtin_tokenizers
+
+    shipped, trained = builtin_tokenizers(tmp_path / "shipped"), tmp_path / "trained"
+    capfd.readouterr()
+    write_builtin_tokenizers(trained)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # sentencepiece logs at C++ level unless silenced
+    for sub in ["tokenizer", "tokenizer_2", "tokenizer_3"]:
+        for file in (shipped / sub).iterdir():
+            assert (trained / sub / file.name).read_bytes() == file.read_bytes(), f"{sub}/{file.name} differs"
+    assert train_clip_bpe()[1] == train_clip_bpe()[1]

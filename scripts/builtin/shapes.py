@@ -7,8 +7,8 @@ yellow, no two alike, of random size and position and never touching. Its captio
 The detector reads any 128x128 image of this world (a rendered scene or a generated one): every pixel goes
 to the nearest palette colour if it is close enough to one, each object colour is split into connected
 components, and each component large enough to be an object gets a shape from how much of its bounding box
-it fills (square 1, circle π/4, triangle 1/2). Training (`train_builtin.py`) and the benchmarks
-(`layout_bench.py`) use this module; the library does not.
+it fills (square 1, circle π/4, triangle 1/2). Training (`scripts/builtin/train.py`) and the benchmarks
+(`scripts/bench/layout_bench.py`) use this module; the library does not.
 """
 
 from __future__ import annotations

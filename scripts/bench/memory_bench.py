@@ -1,5 +1,5 @@
-#!/usr/bin/env python
-"""Peak memory and speed of one MM-DiT step with float8 weights against bfloat16: `python scripts/memory_bench.py`.
+"""Peak memory and speed of one MM-DiT step with float8 weights against bfloat16:
+`python -m scripts.bench.memory_bench`.
 
 1. Writes random weights shaped like SD3.5-Large (38 blocks, width 2432; `--blocks`, `--width` make it smaller)
    as one bfloat16 Stability-layout file (`model.diffusion_model.*`) under `--work` (default out/memory_bench),
@@ -34,15 +34,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from mmdit.model import MMDiT, MMDiTConfig  # noqa: E402
+from mmdit.model import MMDiT, MMDiTConfig
+from tests.random_weights import random_tensor
 
 PREFIX = "model.diffusion_model."
 MODES = {"bf16": "full", "fp8": "fp8"}  # table name -> --weights
 TEXT_TOKENS = 333  # 77 CLIP + 256 T5
+REPO = Path(__file__).resolve().parents[2]  # the children run as `python -m scripts.bench.memory_bench` from here
 
 
 def config_for(blocks: int, width: int) -> MMDiTConfig:
@@ -50,20 +50,6 @@ def config_for(blocks: int, width: int) -> MMDiTConfig:
     if width % 64:
         raise SystemExit(f"--width {width}: must be a multiple of 64 (the heads are 64 wide)")
     return MMDiTConfig(depth=blocks, num_heads=width // 64, head_dim=64)
-
-
-def random_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """bfloat16 values drawn as `mmdit.init.randomize_` draws them: matrices N(0, 1/fan_in), biases N(0, 0.1²),
-    norm weights 1 + N(0, 0.3²); the position table N(0, 0.1²)."""
-    if name == "pos_embed":
-        t = 0.1 * torch.randn(shape, generator=g)
-    elif len(shape) >= 2:
-        t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-    elif name.endswith("bias"):
-        t = 0.1 * torch.randn(shape, generator=g)
-    else:
-        t = 1 + 0.3 * torch.randn(shape, generator=g)
-    return t.to(torch.bfloat16)
 
 
 def checkpoint_path(work: Path, cfg: MMDiTConfig) -> Path:
@@ -167,10 +153,11 @@ def child(args: argparse.Namespace) -> int:
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     """The child for `mode`, and its peak resident size as the kernel accounted it."""
-    cmd = [sys.executable, __file__, "--child", mode, "--work", str(args.work), "--blocks", str(args.blocks),
-           "--width", str(args.width), "--size", str(args.size), "--batch", str(args.batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd)
+    cmd = [sys.executable, "-m", "scripts.bench.memory_bench", "--child", mode, "--work", str(args.work.resolve()),
+           "--blocks", str(args.blocks), "--width", str(args.width), "--size", str(args.size),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:

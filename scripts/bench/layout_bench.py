@@ -1,16 +1,16 @@
-#!/usr/bin/env python
 """Does layout control put each object where it was asked? Measured on the built-in model's shapes world.
 
-    python scripts/layout_bench.py [--cases 200] [--json docs/layout/bench.json] [--grid docs/layout/grid.png]
-    python scripts/layout_bench.py --quality [--cases 240]     # text-to-image alone: right objects, nothing else
+    python -m scripts.bench.layout_bench [--cases 200] [--json docs/layout/bench.json] [--grid docs/layout/grid.png]
+    python -m scripts.bench.layout_bench --quality [--cases 240]     # text-to-image alone: right objects, nothing else
+    python -m scripts.bench.layout_bench --head-to-head [--methods ...]  # DenseDiffusion against Regional Prompting
 
 Cases (seeded): 2-3 distinct objects, their caption in random order, and one region per object's phrase at a
 random place (a box of 3x3 image tokens, 48x48 pixels, on the token grid; every fourth case gives discs as
 masks instead), regions never touching. The model places objects uniformly at random on its own, so without
 a layout an object lands in its region about as often as chance. Every method sees the same cases and seeds.
 
-Metrics, from the exact detector of `shapes.py`, per method (--quality: every named object present, images
-with an unnamed object, and the shares of named objects and of their colours found):
+Metrics, from the exact detector of `scripts/builtin/shapes.py`, per method (--quality: every named object
+present, images with an unnamed object, and the shares of named objects and of their colours found):
 * in-box: the named object (right colour and shape) was found and its centroid lies inside its region;
 * colour in-box: some object of the named colour (any shape) has its centroid inside the region: placement
   alone, apart from how well the model draws the shape (lenient where a colour is scattered: see unnamed);
@@ -22,7 +22,9 @@ Methods: no layout; DenseDiffusion `faithful`, `linear` (faithful with λ decayi
 5), `joint`, `hard`; `faithful` at strengths 0, 0.5, 1, 2, 4; ablations of `faithful` (image->image only,
 image->text only, schedule fraction 0.5, power 2); and a baseline that never touches the attention: for the
 same first steps the positive velocity is blended per region from each phrase's own prediction (a latent-space
-regional prompt).
+regional prompt). --head-to-head: no layout, DenseDiffusion's four presets and Regional Prompting
+(docs/layout-control.md) at its upstream defaults and around them, background prompt "" (the figures also by
+box and mask cases); --methods picks some of them, --box-cells changes the region size.
 """
 
 from __future__ import annotations
@@ -30,23 +32,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from scripts import shapes  # noqa: E402
-from dense import PRESETS, DenseConfig, Layout, Region, RegionalConfig, region_masks  # noqa: E402
-from dense.schedule import active_steps  # noqa: E402
-from loaders.pipeline import Pipeline, decode_images, denoiser  # noqa: E402
-from loaders.text import encode_prompts  # noqa: E402
-from mmdit.conditioning import Conditioning  # noqa: E402
-from samplers import ModelCall, initial_noise, sample, sigmas  # noqa: E402
+from dense import PRESETS, DenseConfig, Layout, Region, RegionalConfig, region_masks
+from dense.schedule import active_steps
+from loaders.pipeline import Pipeline, decode_images, denoiser
+from loaders.text import encode_prompts
+from mmdit.conditioning import Conditioning
+from samplers import ModelCall, initial_noise, sample, sigmas
+from scripts.builtin import shapes
 
 CELL = 16  # pixels per image token
 BOX_CELLS = 3  # a region is 3x3 tokens
@@ -119,7 +118,7 @@ class Method:
     regional: RegionalConfig | None = None  # Regional Prompting instead of DenseDiffusion (background prompt "")
 
 
-# The preset the README recommends for this model, measured below (tests/test_builtin_model.py checks it).
+# The preset docs/layout-benchmark.md recommends for this model, measured below (tests/test_builtin_model.py checks it).
 BEST = Method("linear", "linear")
 
 
@@ -228,7 +227,7 @@ def summarise(scores: list[dict], seconds: list[float]) -> dict:
 def run_bench(pipe: Pipeline, cases: list[Case], chosen: list[Method], say=print, partial=None) -> dict:
     """Every method on every case, case by case: on each case the methods run in turn, so a slower or faster
     stretch of the run (another process, the clock) falls on every method alike and the time ratios compare
-    like with like (method by method, a slow stretch once made the best preset look 1.26x no layout: README).
+    like with like (method by method, a slow stretch once made the best preset look slower than no layout).
     `partial(results)`, if given, gets the figures of the cases done so far every 25 cases."""
     scores: dict[str, list[dict]] = {m.name: [] for m in chosen}
     seconds: dict[str, list[float]] = {m.name: [] for m in chosen}

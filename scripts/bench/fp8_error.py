@@ -1,14 +1,14 @@
-#!/usr/bin/env python
-"""How much float8 weights change the MM-DiT's and T5's outputs: `python scripts/fp8_error.py [--json FILE]`.
+"""How much float8 weights change the MM-DiT's and T5's outputs: `python -m scripts.bench.fp8_error [--json FILE]`.
 
 For each model (random tiny ones shaped like the test models, the trained built-in MM-DiT, and real-width
 models with two blocks: SD3.5-Large's MM-DiT at width 2432, T5-XXL at width 4096), the same inputs go through
-the float32 model and through copies whose linear layers are float8 e4m3fn (`mmdit.fp8.quantize_linears`), with
+the float32 model and through copies whose linear layers are float8 e4m3fn (`quantize_linears` below), with
 one scale per tensor (what `--weights fp8` stores) and one per output row, all computing in float32 so that only
 the rounding of the weights differs. The bfloat16 model's error is printed beside them for scale.
 Errors: max|Δ| / max|reference| ("of the output scale") and rms(Δ) / rms(reference); "weights" is the
-rounding error of all linear weights together, ‖W − Ŵ‖ / ‖W‖. Random weights are Gaussian (`mmdit.init`), so
-they have none of the outlier rows trained weights can have; the built-in model is the one trained model here.
+rounding error of all linear weights together, ‖W − Ŵ‖ / ‖W‖. Random weights are Gaussian
+(`tests/random_weights.py`), so they have none of the outlier rows trained weights can have; the built-in model
+is the one trained model here.
 """
 
 from __future__ import annotations
@@ -16,20 +16,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+from torch import Tensor, nn
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from loaders import Pipeline  # noqa: E402
-from mmdit import init  # noqa: E402
-from mmdit.fp8 import FP8Linear, quantize_linears  # noqa: E402
-from mmdit.model import MMDiT, MMDiTConfig  # noqa: E402
-from mmdit.t5 import T5Config, T5Encoder  # noqa: E402
+from loaders import Pipeline
+from mmdit.fp8 import FP8Linear, FP8Spec, quantize
+from mmdit.model import MMDiT, MMDiTConfig
+from mmdit.t5 import T5Config, T5Encoder
+from tests.random_weights import randomize_
 
 MMDIT_CASES = {
     "sd3-medium, tiny": MMDiTConfig(depth=2, num_heads=2, head_dim=16, pos_embed_max_size=16, context_dim=64,
@@ -57,6 +54,22 @@ class Error:
     def of(cls, out: Tensor, ref: Tensor) -> Error:
         d = (out.float() - ref).abs()
         return cls((d.max() / ref.abs().max()).item(), (d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item())
+
+
+def quantize_linears(module: nn.Module, *, per_channel: bool = False) -> nn.Module:
+    """Every `nn.Linear` of an already loaded `module` replaced, in place, by an `FP8Linear` holding its
+    quantised weight (computing in the dtype the weight had). Returns `module`. Loading a file with
+    `weights="fp8"` gives the same layers without ever holding the whole model in full precision."""
+    for name, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]:
+        q, scale = quantize(layer.weight.detach(), per_channel=per_channel)
+        new = FP8Linear(layer.in_features, layer.out_features, layer.bias is not None,
+                        spec=FP8Spec(layer.weight.dtype, per_channel=per_channel), device=q.device)
+        new.weight.data, new.weight_scale.data = q, scale
+        if layer.bias is not None:
+            new.bias.data = layer.bias.detach()
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, new)
+    return module
 
 
 def weight_error(full: nn.Module, fp8: nn.Module) -> float:
@@ -109,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(args.seed)
         with torch.device("meta"):
             model = MMDiT(cfg)
-        model = init.randomize_(model.to_empty(device="cpu"), g).eval()
+        model = randomize_(model.to_empty(device="cpu"), g).eval()
         model.pos_embed.normal_(generator=g)  # a buffer, which randomize_ leaves alone
         rows.append({"component": "MM-DiT", "model": name, **measure(model, mmdit_inputs(cfg, g))})
         del model
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator().manual_seed(args.seed)
         with torch.device("meta"):
             model = T5Encoder(cfg)
-        model = init.randomize_(model.to_empty(device="cpu"), g).eval()
+        model = randomize_(model.to_empty(device="cpu"), g).eval()
         ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=g)
         rows.append({"component": "T5", "model": name, **measure(model, (ids,))})
         del model

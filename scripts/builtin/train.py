@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Train the built-in model on the shapes world (`scripts/shapes.py`): `python scripts/train_builtin.py`.
+"""Train the built-in model on the shapes world (`shapes.py` here): `python -m scripts.builtin.train`.
 
 Four stages, each with the project's own modules, each resumable (run the same command again after a stop):
 
@@ -15,16 +14,15 @@ Four stages, each with the project's own modules, each resumable (run the same c
           log-variance is trained to report, instead of a KL term), a penalty that keeps the latents as the
           MM-DiT sees them, (z - shift)·scale with SD3's constants (what a single file implies), at zero mean.
           The variance is not pushed to 1 during training: an encoder asked for that on mostly empty scenes
-          paints a strong fixed pattern over the background (it still paints a weaker one; README, "The
-          built-in model"). A final exact per-channel rescale makes each channel's variance 1.
+          paints a strong fixed pattern over the background (it still paints a weaker one: docs/builtin-model.md). A final exact per-channel rescale makes each channel's variance 1.
 3. latents  `--scenes` random scenes are rendered and encoded once (posterior mean).
 4. dit    the MM-DiT (SD3.5-Medium form: dual attention, QK-norm, 64-wide heads) with SD3's rectified-flow
           objective (Esser et al. 2024, §2 and §3.1): x_t = (1 - t)·x0 + t·ε, target v = ε - x0, t drawn
           logit-normal(0, 1); captions dropped to "" 10% of the time (for CFG); AdamW with warm-up and cosine
           decay; an exponential moving average of the weights is what gets shipped. `--bf16` runs its forward
           and backward under bfloat16 autocast; weights, optimiser state and the average stay float32. It is
-          on by default only where the CPU has bfloat16 arithmetic: on an AVX2-only CPU a step of the shipped
-          recipe took 6.1 s under autocast against 0.40 s in float32 (README, "The built-in model").
+          on by default only where the CPU has bfloat16 arithmetic (elsewhere autocast emulates it, many times
+          slower than float32).
           `--train-text` (the default) trains the three text encoders with it, end to end, on the same loss
           (`TextTower` says why), for the first `--text-steps` steps; then they are frozen and every caption
           encoded once with them, which makes the remaining steps about 1.3x faster. They are exported in place of
@@ -40,30 +38,27 @@ import argparse
 import math
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from scripts import shapes  # noqa: E402
-from loaders import builtin  # noqa: E402
-from loaders.builtin_tokenizers import write_builtin_tokenizers  # noqa: E402
-from loaders.text import EncoderFile, TextFiles, encode_prompts  # noqa: E402
-from loaders.text_encoder_keys import load_clip, load_t5  # noqa: E402
-from loaders.tokenizers import ClipTokenizer, T5Tokenizer  # noqa: E402
-from mmdit.clip import CLIPConfig, CLIPTextModel  # noqa: E402
-from mmdit.conditioning import CLIP_TOKENS, assemble  # noqa: E402
-from mmdit.init import randomize_  # noqa: E402
-from mmdit.model import MMDiT  # noqa: E402
-from mmdit.t5 import T5Encoder  # noqa: E402
-from mmdit.vae import VAE  # noqa: E402
+from loaders import builtin
+from loaders.text import EncoderFile, TextFiles, encode_prompts
+from loaders.text_encoders import load_clip, load_t5
+from loaders.tokenizers import ClipTokenizer, T5Tokenizer
+from mmdit.clip import CLIPConfig, CLIPTextModel
+from mmdit.conditioning import CLIP_TOKENS, assemble
+from mmdit.model import MMDiT
+from mmdit.t5 import T5Encoder
+from mmdit.vae import VAE
+from scripts.builtin import shapes
+from scripts.builtin.tokenizers import write_builtin_tokenizers
+from tests.random_weights import randomize_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -225,8 +220,7 @@ class TextTower(nn.Module):
     Why train them: frozen random encoders give each word a fixed vector, but nothing ties a colour to the
     shape that follows it (T5 has no absolute positions; CLIP mixes the earlier words at random). The MM-DiT
     trained on them drew the named colours and the named shapes but bound them at random: with two objects
-    of different shapes, a named colour's object had its own shape as often as the other object's (README,
-    "The built-in model"). Trained end to end, the encoders can put each colour into its shape's token.
+    of different shapes, a named colour's object had its own shape as often as the other object's (docs/builtin-model.md). Trained end to end, the encoders can put each colour into its shape's token.
     """
 
     def __init__(self, folder: Path, captions: list[str], clip_length: int, t5_length: int, context_dim: int):

@@ -1,4 +1,4 @@
-"""Write the project's own tokenizer folders for the built-in tiny model (no network).
+"""Train and write the project's own tokenizer folders for the built-in tiny model (no network).
 
 The built-in model needs tokenizers whose files have exactly the layout of the official SD3 / SD3.5
 repositories, so that the same loading code (`loaders.tokenizers`) serves both:
@@ -22,9 +22,10 @@ The recipes follow docs/numerics.md §6.3:
 * SentencePiece training is deterministic when run on one thread; the ``spiece.model`` bytes are identical
   between runs. Its default ``nmt_nfkc`` rule gives the file a precompiled character map, like T5's.
 
-Resulting sizes (checked by tests/test_tokenizers.py): CLIP ``len(vocab.json)`` = `CLIP_VOCAB_SIZE` = 1000
-(ids 0..999, EOS = 999, BOS = 998, CLIP-G pad "!" = 0); T5 = `T5_PIECES` = 512 SentencePiece pieces + 100 extra
-ids = `T5_VOCAB_SIZE` = 612 (ids 0..611). The built-in text encoders need ``vocab_size`` of at least these.
+Sizes (checked by tests/test_tokenizers.py): CLIP ``len(vocab.json)`` = `CLIP_VOCAB_SIZE` = 1000 (ids 0..999,
+EOS = 999, BOS = 998, CLIP-G pad "!" = 0); T5 = `T5_PIECES` = 512 SentencePiece pieces + 100 extra ids =
+`T5_VOCAB_SIZE` = 612 (ids 0..611). The two vocabulary sizes are `loaders.builtin`'s, which builds the built-in
+text encoders with them; the training targets here follow from them.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from pathlib import Path
 from tokenizers import Tokenizer, trainers
 from tokenizers.models import BPE
 
+from loaders.builtin import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE
 from loaders.tokenizers import clip_normalizer, clip_pre_tokenizer
 from mmdit.conditioning import CLIP_TOKENS
 
-CLIP_MERGES = 486  # 512 byte symbols + 486 merges + 2 specials = 1000 tokens
-CLIP_VOCAB_SIZE = 512 + CLIP_MERGES + 2
-T5_PIECES = 512  # SentencePiece pieces incl. <pad>, </s>, <unk> (this text supports at most 618)
+CLIP_MERGES = CLIP_VOCAB_SIZE - 512 - 2  # 512 byte symbols + 486 merges + 2 specials = 1000 tokens
 T5_EXTRA_IDS = 100
-T5_VOCAB_SIZE = T5_PIECES + T5_EXTRA_IDS
+# 512 SentencePiece pieces incl. <pad>, </s>, <unk> (this text supports at most 618)
+T5_PIECES = T5_VOCAB_SIZE - T5_EXTRA_IDS
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -245,7 +246,7 @@ def write_builtin_tokenizers(root: Path, clip_length: int = CLIP_TOKENS) -> None
 
     `clip_length`: both CLIP tokenizers' model_max_length, the CLIP part of the joint text sequence. 77 by
     default, as every released model; the shipped built-in model uses 16, which its world's captions fit (with
-    CLIP encoders of that many positions, `scripts/train_builtin.py --clip-length`).
+    CLIP encoders of that many positions, `python -m scripts.builtin.train --clip-length`).
     """
     root = Path(root)
     vocab, merges = train_clip_bpe()

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
-"""Where one MM-DiT step's time goes, ours and diffusers': `python scripts/profile_step.py`.
+"""Where one MM-DiT step's time goes, ours and diffusers': `python -m scripts.bench.profile_step`.
 
-The models and inputs of `scripts/bench.py` (SD3.5-Large width or `--width medium`, `--blocks` 2, 512x512,
+The models and inputs of `scripts/bench/bench.py` (SD3.5-Large width or `--width medium`, `--blocks` 2, 512x512,
 batch 2; the same random
 weights in both engines), one warm-up call each, then `--calls` calls under `torch.profiler` (CPU). Each operator's
 own time (not counting the operators it calls) goes to one of: GEMM (matrix products: addmm, mm, bmm, linear's
@@ -9,24 +8,20 @@ kernels), attention (the fused scaled-dot-product kernels), copies (copy_, clone
 and element-wise (everything else: norms, modulation, GELU, residual adds and gates). The GEMM row also gives its
 achieved GFLOP/s (the profiler's FLOP count of the matrix products over their time) against the machine's matmul
 rate measured in the same run on the step's largest product alone (the MLP's, in the same dtype), the "roofline
-share". The profiler slows every operator down, so the seconds here are not the step's: `scripts/bench.py` times
+share". The profiler slows every operator down, so the seconds here are not the step's: `scripts/bench/bench.py` times
 it; this says where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from scripts.bench import TINY, WIDTHS, Shape, diffusers_model, make_inputs, ours_from  # noqa: E402
+from scripts.bench.bench import TINY, WIDTHS, Shape, diffusers_model, make_inputs, ours_from
 
 CATEGORIES = (
     ("GEMM", ("addmm", "aten::mm", "bmm", "matmul", "linear", "mkldnn_", "_mm")),

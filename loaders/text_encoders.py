@@ -1,32 +1,10 @@
-"""The three SD3 text encoders from the official files: key maps, config.json, and loading.
+"""The three SD3 text encoders (CLIP-L, CLIP-G, T5) from the official files: config.json, key maps, loading.
 
-Layouts accepted (docs/numerics.md §11.1, §11.4):
-* diffusers folders: `text_encoder/` (CLIP-L), `text_encoder_2/` (CLIP-G), both transformers
-  `CLIPTextModelWithProjection` (`text_model.*` + `text_projection.weight`), and `text_encoder_3/`
-  (`T5EncoderModel`, usually sharded with an index), each with a `config.json`;
-* Stability's standalone `text_encoders/clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors`,
-  `t5xxl_fp8_e4m3fn.safetensors` (the same transformers names, no prefix);
-* the encoders inside combined checkpoints (`sd3_medium_incl_clips*.safetensors`), under the prefixes
-  `CLIP_L_PREFIX`, `CLIP_G_PREFIX`, `T5_PREFIX`.
-
-All of them use transformers' names, which are our module names, so the key maps are small:
-* CLIP: the `text_model.embeddings.position_ids` buffer of older files is dropped; keys of transformers >= 5.6's
-  flattened `CLIPTextModel` (no `text_model.` prefix) get the prefix back.
-* CLIP-L's projection: SD3 defines it as the identity. Stability's clip_l file has no `text_projection.weight`,
-  the Stability reference and ComfyUI use the un-projected pooled vector, and diffusers' single-file loader
-  sets eye(768) for the CLIP-L of a combined checkpoint whatever the file holds. So for CLIP-L from Stability
-  files (standalone or combined) the projection is eye(width): inserted when absent, and replacing a stored
-  one (a clip_l.safetensors from elsewhere may carry OpenAI's projection, which SD3 never applies). A diffusers
-  `text_encoder/` folder's stored projection is used as is: it is what diffusers applies. CLIP-G always
-  needs its own; a CLIP-G file without one is an error.
-* T5: the embedding is `shared.weight` and/or its tied copy `encoder.embed_tokens.weight`; whichever exists
-  becomes `shared.weight` (`shared` wins when both do). A full T5's decoder and LM head are dropped.
-float8 files (`t5xxl_fp8_e4m3fn`) need nothing special: `load_weights` upcasts float8 tensors to the dtype asked
-for (float8 -> float16/32 is exact). ComfyUI's scaled-float8 T5 (`t5xxl_fp8_e4m3fn_scaled`, or inside an
-all-in-one checkpoint), and `weights="fp8"`, load through `loaders.fp8.load_streamed`.
-
-float16 T5: like transformers' `from_pretrained(torch_dtype=float16)` (`_keep_in_fp32_modules = ["wo"]`), the
-feed-forward output weights `wo` stay float32 (2 GB more for T5-XXL); see mmdit/t5.py for why.
+Reads diffusers folders (`text_encoder/`, `text_encoder_2/`, `text_encoder_3/`), Stability's standalone
+`text_encoders/*.safetensors` and the encoders inside combined checkpoints (under `CLIP_L_PREFIX`,
+`CLIP_G_PREFIX`, `T5_PREFIX`). All use transformers' names, which are our module names, so the key maps are
+small; what they change, and why CLIP-L's projection is the identity: docs/numerics.md §8.1, §11.4. ComfyUI's
+scaled-float8 T5 and `weights="fp8"` load through `loaders.fp8.load_streamed`.
 """
 
 from __future__ import annotations
@@ -109,9 +87,10 @@ def clip_pooling_rule(eos_token_id: int | None) -> int | None:
 def clip_state_dict(raw: Mapping[str, Tensor], *, identity_projection: bool) -> dict[str, Tensor]:
     """Official CLIP text-encoder tensors -> `mmdit.clip.CLIPTextModel` state dict (tensors or meta tensors).
 
-    `identity_projection`: the projection is eye(width) (SD3's CLIP-L from Stability files; see the module
-    docstring): inserted when `text_projection.weight` is missing, replacing it when present. Otherwise a
-    missing projection is an error.
+    `identity_projection`: the projection is eye(width) (SD3's CLIP-L from Stability files, docs/numerics.md
+    §8.1): inserted when `text_projection.weight` is missing, replacing it when present (a clip_l file from
+    elsewhere may carry OpenAI's projection, which SD3 never applies). Otherwise a missing projection is an error:
+    CLIP-G needs its own.
     """
     if any("transformer.resblocks." in k for k in raw) or "text_projection" in raw:
         raise CheckpointError(
@@ -139,7 +118,9 @@ def clip_state_dict(raw: Mapping[str, Tensor], *, identity_projection: bool) -> 
 
 
 def t5_state_dict(raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Official T5 encoder tensors -> `mmdit.t5.T5Encoder` state dict (tensors or meta tensors)."""
+    """Official T5 encoder tensors -> `mmdit.t5.T5Encoder` state dict (tensors or meta tensors). The embedding
+    is `shared.weight`, taken from its tied copy `encoder.embed_tokens.weight` when only that is stored; a full
+    T5's decoder and LM head are dropped."""
     if any(k.endswith(("scale_weight", "scaled_fp8")) for k in raw):
         raise CheckpointError(
             "these T5 tensors include scaled-float8 bookkeeping (scale_weight / scaled_fp8), which this key map "
@@ -238,7 +219,7 @@ def load_clip(
     `files`: a diffusers component folder (`text_encoder/`, `text_encoder_2/`), a single file, or shards;
     `prefix`: CLIP_L_PREFIX / CLIP_G_PREFIX for a combined checkpoint. `activation`: "quick_gelu" for CLIP-L,
     "gelu" for CLIP-G (checked against config.json when there is one). The "quick_gelu" tower is taken to be
-    SD3's CLIP-L: loaded from Stability files (not a folder) its projection is the identity (module docstring).
+    SD3's CLIP-L: loaded from Stability files (not a folder) its projection is the identity (docs/numerics.md §8.1).
     """
     cfg = clip_config(files, activation=activation, num_heads=num_heads, prefix=prefix)
     paths, _, folder = _sources(files)

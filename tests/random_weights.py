@@ -1,5 +1,9 @@
-"""Random weights for a model that has none: the built-in model's text encoders before training, tests and
-benchmarks."""
+"""Random weights for models that have none, one draw shared by the tests, the benchmarks and the built-in
+model's trainer (its text encoders before training).
+
+`randomize_` redraws a built module's parameters; `random_tensor` draws one tensor by name and shape in the
+same way, for writers that never build the model (a checkpoint written one tensor at a time).
+"""
 
 from __future__ import annotations
 
@@ -25,3 +29,17 @@ def randomize_(module: nn.Module, generator: torch.Generator, *, bias_std: float
             else:
                 p.copy_(1 + norm_std * torch.randn(p.shape, generator=generator))
     return module
+
+
+def random_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """bfloat16 values drawn as `randomize_` draws them: matrices N(0, 1/fan_in), biases N(0, 0.1²),
+    norm weights 1 + N(0, 0.3²); the position table N(0, 0.1²)."""
+    if name == "pos_embed":
+        t = 0.1 * torch.randn(shape, generator=g)
+    elif len(shape) >= 2:
+        t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+    elif name.endswith("bias"):
+        t = 0.1 * torch.randn(shape, generator=g)
+    else:
+        t = 1 + 0.3 * torch.randn(shape, generator=g)
+    return t.to(torch.bfloat16)

@@ -1,12 +1,12 @@
-#!/usr/bin/env python
 """Seconds per step and per-stage peak memory of each memory mode, on random SD3.5-Large-shaped weights.
 
-`bash scripts/gpu_check.sh` runs this. It writes random weights with SD3.5-Large's shapes (MM-DiT 8.1 B
-parameters, T5-XXL, CLIP-L, CLIP-G, the VAE; about 28 GB in bfloat16, once, into --work), then generates one
-1024x1024 image per (mode, dtype) — modes none, fp8, blocks (--offload blocks), both (fp8 + blocks); dtypes
-bfloat16 and float16 — each in a fresh process (`--child`), so no run inherits another's memory, and prints one
-table: the median seconds per step (step 1, which pays for one-time set-up, left out) and each stage's peak
-device memory (`loaders.memory`). Random weights make no picture; they cost what the real ones cost.
+`bash scripts/bench/gpu_check.sh` runs this (`python -m scripts.bench.gpu_check` from the repository root). It
+writes random weights with SD3.5-Large's shapes (MM-DiT 8.1 B parameters, T5-XXL, CLIP-L, CLIP-G, the VAE; about
+28 GB in bfloat16, once, into --work), then generates one 1024x1024 image per (mode, dtype) — modes none, fp8, blocks
+(--offload blocks), both (fp8 + blocks); dtypes bfloat16 and float16 — each in a fresh process (`--child`), so no
+run inherits another's memory, and prints one table: the median seconds per step (step 1, which pays for one-time
+set-up, left out) and each stage's peak device memory (`loaders.memory`). Random weights make no picture; they cost
+what the real ones cost.
 
 `--device cpu` is the fallback that keeps this script working where there is no GPU (the test suite runs it):
 tiny widths, a 32x32 image, 2 steps, every row in this one process, and the peak resident memory so far in
@@ -24,14 +24,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from mmdit.clip import CLIPConfig, CLIPTextModel  # noqa: E402
-from mmdit.model import MMDiT, MMDiTConfig  # noqa: E402
-from mmdit.t5 import T5Config, T5Encoder  # noqa: E402
-from mmdit.vae import VAE, VAEConfig  # noqa: E402
+from mmdit.clip import CLIPConfig, CLIPTextModel
+from mmdit.model import MMDiT, MMDiTConfig
+from mmdit.t5 import T5Config, T5Encoder
+from mmdit.vae import VAE, VAEConfig
 
 # name -> (--weights, --offload)
 MODES = {"none": ("full", "none"), "fp8": ("fp8", "none"), "blocks": ("full", "blocks"), "both": ("fp8", "blocks")}
@@ -39,6 +37,7 @@ DTYPES = ("bfloat16", "float16")
 STAGES = ("CLIP-L", "CLIP-G", "T5", "sampling", "VAE")
 PROMPT = "a red fox in the snow"
 MODEL_FILE = "sd3.5_large_random.safetensors"
+REPO = Path(__file__).resolve().parents[2]  # the children run as `python -m scripts.bench.gpu_check` from here
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,11 @@ TINY = Shapes(
 
 
 def random_state(module_type, config, seed: int, device: str, prefix: str = "") -> dict[str, torch.Tensor]:
-    """bfloat16 random tensors (on the CPU) with the module's names and shapes, drawn as scripts/memory_bench.py
-    draws its SD3.5-Large-shaped MM-DiT (`random_tensor`), on `device`: a GPU draws SD3.5-Large's 13.7 B values in
-    seconds, a CPU core needs minutes. memory_bench's writer makes the MM-DiT file alone; this check also needs the
-    VAE inside that file and the text encoders beside it, so the files are assembled here."""
-    from scripts.memory_bench import random_tensor
+    """bfloat16 random tensors (on the CPU) with the module's names and shapes, drawn as memory_bench.py draws
+    its SD3.5-Large-shaped MM-DiT (`tests.random_weights.random_tensor`), on `device`: a GPU draws SD3.5-Large's
+    13.7 B values in seconds, a CPU core needs minutes. memory_bench's writer makes the MM-DiT file alone; this
+    check also needs the VAE inside that file and the text encoders beside it, so the files are assembled here."""
+    from tests.random_weights import random_tensor
 
     with torch.device("meta"):
         shapes = {k: tuple(t.shape) for k, t in module_type(config).state_dict().items()}
@@ -90,7 +89,7 @@ def write_weights(folder: Path, shapes: Shapes, device: str) -> Path:
     """The Stability layout (single file + text_encoders/ + tokenizer folders); reused when already complete."""
     from safetensors.torch import save_file
 
-    from loaders.builtin_tokenizers import write_builtin_tokenizers
+    from scripts.builtin.tokenizers import write_builtin_tokenizers
 
     model, done = folder / MODEL_FILE, folder / "complete.json"
     if done.is_file() and json.loads(done.read_text()) == {"shapes": repr(shapes)}:
@@ -185,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             if cpu:  # the smoke test: in this process (its resident-memory peaks then only ever grow)
                 rows.append({"mode": mode, "dtype": dtype, **run_one(model, mode, dtype, args.device, steps, size)})
                 continue
-            cmd = [sys.executable, __file__, "--child", mode, dtype, "--device", args.device, "--work",
-                   str(args.work), "--steps", str(steps)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            cmd = [sys.executable, "-m", "scripts.bench.gpu_check", "--child", mode, dtype, "--device", args.device,
+                   "--work", str(args.work.resolve()), "--steps", str(steps)]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             if done.returncode != 0:  # a crash (out of memory, a bug): its last line says what
                 rows.append({"mode": mode, "dtype": dtype, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
             else:

@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""The whole command, end to end, per dtype: `python scripts/e2e_bench.py`.
+"""The whole command, end to end, per dtype: `python -m scripts.bench.e2e_bench`.
 
 Writes (once, under `--work`) a random SD3.5-Large-width single file, `--blocks` joint blocks and the full-size
 16-channel VAE, and a `--prompt-embeds` file of the right shapes (333 text tokens, CFG), then times
@@ -25,15 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from mmdit.model import MMDiT, MMDiTConfig
+from mmdit.vae import VAE, VAEConfig
+from tests.random_weights import randomize_
 
-from mmdit.init import randomize_  # noqa: E402
-from mmdit.model import MMDiT, MMDiTConfig  # noqa: E402
-from mmdit.vae import VAE, VAEConfig  # noqa: E402
-
+GENERATE = Path(__file__).resolve().parents[1] / "generate.py"  # the user's command, as a user runs it
 SETTINGS = {"float32": ["--dtype", "float32"], "bfloat16, VAE float32": ["--dtype", "bfloat16", "--vae-dtype", "float32"],
             "bfloat16": ["--dtype", "bfloat16"]}
 
@@ -60,7 +58,7 @@ def write_inputs(work: Path, blocks: int) -> tuple[Path, Path]:
 
 def run_once(model: Path, embeds: Path, extra: list[str], out: Path) -> tuple[float, float]:
     """(wall seconds of the whole command, seconds of its VAE stage)."""
-    command = [sys.executable, str(Path(__file__).parent / "generate.py"), "--model", str(model), "--prompt-embeds",
+    command = [sys.executable, str(GENERATE), "--model", str(model), "--prompt-embeds",
                str(embeds), "--steps", "2", "--cfg", "4.5", "--height", "512", "--width", "512", "--slg-layers", "",
                "--device", "cpu", "--out", str(out), "--overwrite", "--quiet", "--report-memory", *extra]
     start = time.perf_counter()

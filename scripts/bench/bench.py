@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Our MM-DiT's step time next to diffusers' SD3Transformer2DModel: same weights, same inputs, one run.
 
-    python scripts/bench.py                      # SD3.5-Large and -Medium widths, 2 blocks, 512x512, batch 2,
-                                                 # fp32 and bf16, eager and compiled
-    python scripts/bench.py --tiny --repeats 1   # seconds: a tiny config, to check the script works
+    python -m scripts.bench.bench                      # SD3.5-Large and -Medium widths, 2 blocks, 512x512, batch 2,
+                                                       # fp32 and bf16, eager and compiled
+    python -m scripts.bench.bench --tiny --repeats 1   # seconds: a tiny config, to check the script works
 
 Per `--widths` one random diffusers transformer is built: SD3.5-Large's (D = 2432 = 38 heads x 64, RMS QK-norm)
 or SD3.5-Medium's (D = 1536 = 24 heads x 64, RMS QK-norm, the MMDiT-X dual attention in the first of the
@@ -31,7 +30,7 @@ Regional Prompting (issue 29): the same run also times a step under it (the same
 own, so the text is 4x as long; an inject step with the mask in every block, the positive half) against our plain
 step. `--no-regional` skips it.
 
-Prints Markdown tables for the README; `--json FILE` writes every timing.
+Prints Markdown tables (docs/performance.md); `--json FILE` writes every timing.
 """
 
 from __future__ import annotations
@@ -48,14 +47,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+from torch import Tensor, nn
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from dense import PRESETS, DenseAttention, DensePlan, RegionalAttention  # noqa: E402
-from loaders.pipeline import DTYPES  # noqa: E402
-from mmdit.init import randomize_  # noqa: E402
+from dense import PRESETS, DensePlan, RegionalAttention, ScoreEdit
+from loaders.pipeline import DTYPES
+from tests.random_weights import randomize_
 
 
 
@@ -170,7 +167,7 @@ class Engines:
     t: Tensor  # (B,) sigma * 1000
     context: Tensor  # (B, S, context_dim)
     pooled: Tensor  # (B, pooled_dim)
-    dense: DenseAttention | None  # a layout's modulation of the positive half at step 0, if benchmarked
+    dense: ScoreEdit | None  # a layout's score edit of the positive half at step 0, if benchmarked
     regional: tuple[Tensor, RegionalAttention] | None  # Regional Prompting's context and attention, if benchmarked
     ours_compiled: nn.Module | None = None  # as Pipeline.load(compile=True): each joint block compiled
     theirs_compiled: nn.Module | None = None  # torch.compile(transformer)
