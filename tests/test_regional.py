@@ -176,3 +176,17 @@ def test_pipeline_records_the_method(pipe):
         pipe(seed=0, steps=2, layout=LAYOUT, layout_method="nope")
     with pytest.raises(InputError):
         pipe(seed=0, steps=2, layout=LAYOUT, layout_method="regional", record_maps=True)
+
+
+def test_step_benchmark_times_a_regional_step(capsys):
+    from scripts.bench.bench import main
+
+    n = torch.get_num_threads()
+    try:
+        assert main(["--tiny", "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-compile", "--dtypes",
+                     "float32", "--dense-preset", "none", "--memory-size", "0", "--regional", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert "| tiny | Regional Prompting step vs our plain step | float32 |" in table[3]
+    assert "(meant to differ)" in table[3]

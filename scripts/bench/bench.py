@@ -26,9 +26,9 @@ the schedule's first and strongest step) against our plain step, and measures th
 modulated attention call at `--memory-size` (1024x1024) for several query chunk sizes, each call in a fresh
 process. `--dense-preset none` skips both, `--memory-size 0` the memory part.
 
-Regional Prompting (issue 29): the same run also times a step under it (the same three boxes, each a prompt of its
+Regional Prompting (issue 29): `--regional` also times a step under it (the same three boxes, each a prompt of its
 own, so the text is 4x as long; an inject step with the mask in every block, the positive half) against our plain
-step. `--no-regional` skips it.
+step.
 
 Prints Markdown tables (docs/performance.md); `--json FILE` writes every timing.
 """
@@ -460,7 +460,7 @@ def run_case(case: Case, width: str, dtype: str, repeats: int, warmup: int, wait
 
 def run(
     shape: Shape, dtypes: list[str], repeats: int, warmup: int, wait_idle: float, seed: int,
-    dense_preset: str | None, compile: bool, say: Callable[[str], None], regional: bool = True,
+    dense_preset: str | None, compile: bool, say: Callable[[str], None], regional: bool = False,
 ) -> list[Result]:
     from diffusers.utils import logging
 
@@ -567,8 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense-preset", default="faithful", choices=[*PRESETS, "none"],
                    help="also time a DenseDiffusion-modulated step against our plain one, with this preset "
                         "(default faithful; none: skip)")
-    p.add_argument("--regional", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time a Regional Prompting step against our plain one (default; --no-regional skips it)")
+    p.add_argument("--regional", action="store_true",
+                   help="also time a Regional Prompting step against our plain one")
     p.add_argument("--memory-size", type=int,
                    help="image size of the modulated attention call whose peak memory is measured "
                         "(default 1024; 128 with --tiny; 0: skip the memory measurement)")
