@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         out = run_bench(pipe, cases, chosen, partial=(lambda r: write_json(args.json, pipe, r)) if args.json else None)
         if args.grid:
             columns = ({"no layout": "no layout", "faithful": "faithful", "linear": "linear", "hard": "hard",
-                        "regional": "regional", "regional β=0.1": "regional β 0.1", "regional 5 steps": "regional 5 st."}
+                        "regional": "regional", "regional β=0.1": "regional b=0.1", "regional 5 steps": "regional 5 st."}
                        if args.head_to_head else
                        {"no layout": "no layout", "faithful": "faithful", "linear": "linear", "joint": "joint",
                         "hard": "hard", "region blend (baseline)": "region blend"})
