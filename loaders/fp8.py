@@ -1,10 +1,12 @@
 """float8 weights: ComfyUI's scaled-float8 checkpoints, and 16/32-bit checkpoints quantised while they load.
 
 `weights` (`--weights`, `Pipeline.load(weights=)`) says how the MM-DiT's and T5's weights are held in memory:
-* "full" (the default): every weight in the run's dtype. A float8 file is dequantised as it loads;
+* "full": every weight in the run's dtype. A float8 file is dequantised as it loads;
 * "fp8": every linear layer of the MM-DiT and of T5 as float8 e4m3fn with one float32 scale per tensor
   (`mmdit.fp8.FP8Linear`), computing in the run's dtype; the rest (norms, biases, embeddings, the position
   table, the patch convolution) in that dtype. A layer the file already stores in float8 is kept as stored.
+Not given (None), it follows the MM-DiT's file: "fp8" for a file that stores float8, "full" for any other
+(`loaders.checkpoint.stored_weights`).
 Either way the checkpoint is read one tensor at a time (`load_streamed`), so loading never needs the file's
 full-precision tensors all at once. A file without float8 scales, loaded with "full", goes through the
 ordinary loaders instead, unchanged.
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 from mmdit.errors import InputError
 from mmdit.fp8 import FP8_DTYPES, FP8Spec, dequantize, quantize, use_fp8_linears
 
-from .safetensors import CheckpointError, TensorReader, check_fits
+from .safetensors import CheckpointError, TensorReader, check_finite, check_fits
 from .transformer_keys import swap_halves
 
 WEIGHTS = ("full", "fp8")
@@ -75,7 +77,8 @@ def check_weights(weights: str) -> str:
     if weights not in WEIGHTS:
         raise InputError(f"weights {weights!r} is not one of {list(WEIGHTS)}: 'fp8' keeps the MM-DiT's and T5's "
                          "linear layers in float8 with a per-tensor scale (about half the memory of 16-bit); "
-                         "'full' (the default) keeps every weight in --dtype (--weights fp8 / weights='fp8')")
+                         "'full' keeps every weight in --dtype (--weights fp8 / weights='fp8'); by default a float8 file stays "
+                         "float8 and any other is full")
     return weights
 
 
@@ -197,6 +200,7 @@ def _read(reader: TensorReader, quant: Quantization, parts: tuple[str, ...], swa
     if len({p.dtype for p in pieces}) > 1:  # parts stored in different dtypes: join them in float32
         pieces = [p.to(torch.float32) for p in pieces]
     t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+    check_finite(t, parts[0], str(reader.paths[0]))
     return swap_halves(t) if swap else t
 
 
@@ -254,6 +258,8 @@ def load_streamed(
             if layer in kept:
                 q = reader.read(parts[0])
                 scale = quant.scales.get(parts[0], torch.ones((), dtype=torch.float32))
+                check_finite(q, parts[0], what)
+                check_finite(scale, f"{parts[0]} scale", what)
             else:  # quantised now; the full-precision tensor is dropped before the next one is read
                 q, scale = quantize(_read(reader, quant, parts, swap, None), per_channel=spec.per_channel)
             state[key], state[f"{layer}.weight_scale"] = q.to(device), scale.to(device)

@@ -234,6 +234,24 @@ def check_fits(module: nn.Module, shapes: Mapping[str, tuple[int, ...]], *, what
         raise CheckpointError(f"{what}: the weights do not fit the model: " + " | ".join(problems))
 
 
+def _finite(t: Tensor) -> bool:
+    if t.dtype == torch.float8_e4m3fn:  # isfinite has no float8_e4m3fn kernel; the widening is exact
+        t = t.to(torch.float16)
+    return bool(torch.isfinite(t).all())
+
+
+def check_finite(t: Tensor, key: str, what: str, source: Tensor | None = None) -> None:
+    """A CheckpointError if floating tensor `t` holds NaN or infinity: a damaged file, or (when `source`, the
+    tensor as stored, is finite) values too large for the dtype `t` was cast to."""
+    if not t.is_floating_point() or _finite(t):
+        return
+    if source is not None and source.dtype != t.dtype and _finite(source):
+        raise CheckpointError(f"{what}: tensor {key!r} has values too large for {t.dtype} (they become infinite); "
+                              "load it in bfloat16 or float32")
+    raise CheckpointError(f"{what}: tensor {key!r} holds NaN or infinite values; the file is damaged (download it "
+                          "again, or ask whoever made it)")
+
+
 def load_weights(
     module: nn.Module,
     state: dict[str, Tensor],
@@ -255,6 +273,7 @@ def load_weights(
         if t.is_floating_point():
             target = torch.float32 if fp32_keys is not None and fp32_keys(key) else dtype
             state[key] = t.to(device=device, dtype=target)
+            check_finite(state[key], key, what, source=t)  # NaN weights would give black images, silently
         else:
             state[key] = t.to(device=device)
     module.load_state_dict(state, strict=True, assign=True)
