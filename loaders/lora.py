@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from mmdit.errors import InputError, MissingInputError
 from mmdit.fp8 import FP8Linear, dequantize, quantize
 
-from .safetensors import TensorReader
+from .safetensors import TensorReader, total
 from .transformer_keys import module_pairs
 
 COMPONENTS = ("transformer", "clip_l", "clip_g")  # what a LoRA may adapt: the MM-DiT and the two CLIPs
@@ -145,9 +145,11 @@ class LoRA:
             return cls.parse(value)
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (str, Path)):
             try:
-                return cls(Path(value[0]).expanduser(), float(value[1])).checked()
+                scale = float(value[1])
             except (TypeError, ValueError):
-                pass
+                scale = None
+            if scale is not None:
+                return cls(Path(value[0]).expanduser(), scale).checked()
         raise LoRAFormatError(f"a LoRA is a path, a (path, scale) pair or a loaders.lora.LoRA; got {value!r}")
 
     def checked(self) -> LoRA:
@@ -297,7 +299,7 @@ def _metadata_number(value: object, key: str) -> float:
 
 
 def _finite(t: Tensor) -> bool:
-    return bool(torch.isfinite(t.float() if t.dtype == torch.float8_e4m3fn else t).all())
+    return math.isfinite(total(t).item())
 
 
 def _peft_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, dict]:
