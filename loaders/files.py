@@ -91,7 +91,8 @@ def check_output_path(path: str | Path, what: str, tried: set[Path] | None = Non
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"{what} {path}: cannot write in {folder} ({e.strerror or e}); choose another place") from None
+        raise OutputError(f"{what} {path}: cannot write in {folder} ({e.strerror or e}); choose another "
+                          "place") from None
     if tried is not None:
         tried.add(folder)
 

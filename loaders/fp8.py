@@ -77,8 +77,8 @@ def check_weights(weights: str) -> str:
     if weights not in WEIGHTS:
         raise InputError(f"weights {weights!r} is not one of {list(WEIGHTS)}: 'fp8' keeps the MM-DiT's and T5's "
                          "linear layers in float8 with a per-tensor scale (about half the memory of 16-bit); "
-                         "'full' keeps every weight in --dtype (--weights fp8 / weights='fp8'); by default a float8 file stays "
-                         "float8 and any other is full")
+                         "'full' keeps every weight in --dtype (--weights fp8 / weights='fp8'); by default a float8 "
+                         "file stays float8 and any other is full")
     return weights
 
 

@@ -245,7 +245,8 @@ def check_finite(totals: Mapping[str, Tensor], what: str) -> None:
     large for the dtype they were cast to. All totals are read back at once (one device sync)."""
     if not totals:
         return
-    finite = torch.isfinite(torch.stack([t.to("cpu") for t in totals.values()]))
+    device = next(iter(totals.values())).device
+    finite = torch.isfinite(torch.stack([t.to(device) for t in totals.values()])).cpu()
     if bool(finite.all()):
         return
     key = next(k for k, ok in zip(totals, finite.tolist()) if not ok)

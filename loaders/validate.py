@@ -30,7 +30,7 @@ from torch import Tensor
 
 from mmdit.conditioning import Conditioning
 from mmdit.errors import InputError
-from samplers import SAMPLERS
+from samplers import SAMPLERS, first_step
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -44,21 +44,11 @@ SEEDS = (-(2**63), 2**64 - 1)
 MULTIPLE = 16  # pixels: the VAE's 8× times the MM-DiT's 2×2 patches
 AUTO_SIZE_PIXELS = 2048 * 2048
 
-# How the CLI spells an argument, where it has one (messages name both).
-FLAGS = {
-    "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "shift": "--shift", "height": "--height", "width": "--width",
-    "num_images": "--num-images", "slg_layers": "--slg-layers", "slg_scale": "--slg-scale",
-    "slg_start": "--slg-start", "slg_stop": "--slg-stop", "max_sequence_length": "--max-sequence-length",
-    "dense_strength": "--dense-strength", "dense_preset": "--dense-preset", "sampler": "--sampler",
-    "strength": "--strength", "negative_prompt": "--negative-prompt", "prompt": "--prompt", "device": "--device",
-    "t5_device": "--t5-device", "dtype": "--dtype", "vae_dtype": "--vae-dtype", "weights": "--weights",
-    "offload": "--offload", "preset": "--preset", "init_image": "--init-image", "mask": "--mask",
-    "layout": "--layout", "tokenizers": "--tokenizers", "model": "--model",
-}
 
 
 def _name(key: str) -> str:
-    return f"{key} ({FLAGS[key]})" if key in FLAGS else key
+    """How messages name an argument: as the API spells it (the CLI's flag is the same words, `--num-images`)."""
+    return {"device": "device (--device)", "t5_device": "t5_device (--t5-device)"}.get(key, key)
 
 
 def _real(value: object) -> bool:
@@ -88,7 +78,8 @@ def check_real(value: object, key: str, *, low: float | None = None, high: float
         raise InputError(f"{_name(key)} must be a finite number, got {value}" + (f"; {hint}" if hint else ""))
     below = low is not None and (value <= low if low_open else value < low)
     if below or high is not None and value > high:
-        bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        lo, hi = low if low is not None else "-inf", high if high is not None else "inf"
+        bounds = f"{'(' if low_open else '['}{lo}, {hi}]"
         raise InputError(f"{_name(key)} must be in {bounds}, got {value}" + (f"; {hint}" if hint else ""))
     return float(value)
 
@@ -234,8 +225,8 @@ def check_call(pipe: Pipeline, args: Mapping[str, object]) -> None:
         raise InputError(f"{'a mask' if mask is not None else 'strength'} needs an init image "
                          "(--init-image / init_image=...)")
     if strength is not None:
-        check_real(strength, "strength", low=0, high=1, low_open=True,
-                   hint="1: ignore the init image's content, small: stay close to it")
+        check_real(strength, "strength")
+        first_step(1, strength)  # its own message: strength must be in (0, 1]
     if init_image is not None:
         check_image(init_image, "init image")
 

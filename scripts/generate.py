@@ -9,8 +9,11 @@ anywhere; point --model at the official weights for real images:
   --model /path/to/sd3.5_large.safetensors                 (a Stability single file; text encoders from the
                                                              text_encoders/ folder next to it)
 Many prompts, weights loaded once: --prompts FILE (one prompt per line, or JSON Lines with "prompt",
-"negative_prompt", "seed", "layout", "out"); images that already exist are skipped, so a rerun resumes.
+"negative_prompt", "seed", "layout", "out"); images it already made are skipped, so a rerun resumes.
 The same command under `torchrun --nproc-per-node N` shares the prompts out by rank.
+Every argument, file and line is checked before any weight is loaded (`loaders.validate`); every file is
+written whole or not at all (`loaders.files`), and nothing this program did not make is replaced without
+--overwrite.
 """
 
 from __future__ import annotations
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, say)
     except InputError as e:  # what the user gave is wrong: one line; anything else is a bug and keeps its traceback
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every file is written atomically: what is on disk is complete
         print("interrupted: the images finished so far are kept; run the same command again to make the rest",
