@@ -9,7 +9,7 @@ cannot mean anything:
   would allocate gigabytes for the schedule alone;
 * num_images <= 64: one call draws its images as one batch, so activations grow with the count; more images
   are more calls (or lines of a prompts file);
-* max_sequence_length <= 512: T5's limit in diffusers (and its relative positions' training length);
+* max_sequence_length <= 512: the T5 length diffusers' SD3 pipelines accept (100,000 would allocate 80 GB);
 * prompts of at most 100,000 characters: 50 times what the longest encoder keeps (T5, 512 tokens);
 * seeds in torch's range, [-2⁶³, 2⁶⁴): what `torch.Generator.manual_seed` accepts;
 * height and width multiples of 16 within the model's position table (`MMDiTConfig.pos_embed_max_size`);
@@ -43,7 +43,6 @@ MAX_PROMPT_CHARS = 100_000
 SEEDS = (-(2**63), 2**64 - 1)
 MULTIPLE = 16  # pixels: the VAE's 8× times the MM-DiT's 2×2 patches
 AUTO_SIZE_PIXELS = 2048 * 2048
-
 
 
 def _name(key: str) -> str:

@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 import loaders.pipeline
 from loaders import Pipeline
 from loaders.builtin import FILE_NAME, MODEL_DIR
+from loaders.validate import check_size
+from mmdit.model import MMDiTConfig
 from mmdit.errors import InputError
 from scripts.generate import main as generate
 
@@ -192,6 +194,12 @@ def out(w: Path) -> list[str]:
     return ["--out", str(w / "out" / "x.png")]
 
 
+class LargeModel:
+    """What `check_size` reads of a pipeline, for SD3.5 Medium (a 384×384 position table: up to 6144 pixels)."""
+
+    config = MMDiTConfig(depth=24, num_heads=24, head_dim=64, pos_embed_max_size=384)
+
+
 LAYOUT = ["--prompt", PROMPT, "--layout"]
 CASES = [
     # weights
@@ -284,6 +292,8 @@ CASES = [
                                           str(a / "bomb.png")], r"decompression bombs"),
     cli("images/photo-size", lambda a, w: ["--prompt", PROMPT, "--init-image", str(a / "photo.png")],
         r"2992 \(the init image's size; give --height/--width to resize it\) is more than this model draws"),
+    api("images/photo-size-on-a-large-model", lambda a, w, p: check_size(LargeModel(), 3008, 4000, from_image=True),
+        r"sets the output size to 4000x3008 \(12\.0 megapixels\), more than 4\.2; give --height and --width"),
     cli("images/float-nan", lambda a, w: ["--prompt", PROMPT, "--init-image", str(a / "nan.tif")],
         r"holds NaN or infinite values"),
     cli("images/mask-colour", lambda a, w: ["--prompt", PROMPT, "--init-image", str(a / "init.png"), "--mask",
