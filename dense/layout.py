@@ -150,25 +150,48 @@ def _parse_box(name: str, box: object) -> tuple[float, float, float, float]:
     return (x0, y0, x1, y1)
 
 
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's 16/32-bit integer greyscale modes
+
+
 def read_mask(path: str | Path, name: str = "mask") -> Tensor:
     """Read a mask image at its own size: (H_src, W_src) bool, True where the grey value is >= 128.
 
     Colour images are converted to grey with PIL's ITU-R 601 luma (alpha is ignored); 16-bit grey
-    images are compared on their top 8 bits (value >= 32768).
+    images are compared on their top 8 bits (value >= 32768), float ones ("F") at 0.5. A colour image in which
+    no pixel is light enough is an error that says so (instead of a region that later covers no token).
     """
+    import warnings
+
     from PIL import Image  # imported here so that `import dense` stays light
 
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over PIL's limit: refused
+            image = Image.open(path)
+        with image:
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                grey = np.asarray(image, dtype=np.int64) >> 8
+            colour = image.mode not in ("1", "L", "LA", "F", *WIDE_GREY) and _has_colour(image)
+            if image.mode in WIDE_GREY:
+                inside = (np.asarray(image, dtype=np.int64) >> 8) >= 128
+            elif image.mode == "F":
+                inside = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0) >= 0.5
             else:
-                grey = np.asarray(image.convert("L"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoders raise all of these
+                inside = np.asarray(image.convert("L")) >= 128
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:  # PIL's decoders raise all of these
         raise LayoutError(f"{name}: cannot read the mask image {path}: {e}") from e
-    return torch.from_numpy(np.ascontiguousarray(grey >= 128))  # (H_src, W_src) bool
+    if colour and not inside.any():
+        raise LayoutError(f"{name}: the mask image {path} is in colour and none of its pixels is light enough to be "
+                          "inside (grey >= 128 after conversion to grey); a mask is black and white: white = the "
+                          "region, black = elsewhere")
+    return torch.from_numpy(np.ascontiguousarray(inside))  # (H_src, W_src) bool
+
+
+def _has_colour(image) -> bool:
+    """Whether an image's colour channels differ anywhere (a grey picture saved as RGB or palette has none)."""
+    channels = np.asarray(image.convert("RGB"))
+    return not (channels == channels[..., :1]).all()
 
 
 def layout_prompt(layout: Layout, prompt: str | None) -> str:

@@ -83,9 +83,14 @@ def _read_config(folder: Path) -> dict:
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file}: not a UTF-8 text file; restore the config.json the model came with") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(data).__name__}, not the object ({{...}}) of a config.json")
+    return data
 
 
 def _transformer_source(checkpoint: Checkpoint) -> tuple[list[Path], str, int | None]:
@@ -107,10 +112,26 @@ def transformer_config(checkpoint: Checkpoint) -> MMDiTConfig:
     diffusers = is_diffusers_layout(meta)
     if diffusers:
         meta = transformer_from_diffusers(meta)
+    if diffusers and num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)
+                                                or num_heads < 1):
+        raise CheckpointError(f"{checkpoint.path}: transformer/config.json has num_attention_heads={num_heads!r}; "
+                              "it must be a positive whole number")
     try:
         return MMDiTConfig.from_state_dict(meta, num_heads=num_heads if diffusers else None)
     except NotSD3Error as e:
         raise NotSD3Error(f"{checkpoint.path}: {e}{_what_is_it(meta)}") from None
+    except ValueError as e:  # the head count config.json gives does not fit the weights
+        raise CheckpointError(f"{checkpoint.path}: transformer/config.json and the weights disagree: {e}") from None
+
+
+def stored_weights(checkpoint: Checkpoint) -> str:
+    """How the MM-DiT's file holds its weights, as a `weights` setting: "fp8" when it stores float8 tensors
+    (ComfyUI's scaled files, plain float8 ones), else "full". A run that is not told otherwise keeps them so."""
+    files, prefix, _ = _transformer_source(checkpoint)
+    with TensorReader(files, prefix) as reader:
+        float8 = is_quantized(reader) or any(reader.dtype(k) in (torch.float8_e4m3fn, torch.float8_e5m2)
+                                             for k in reader.keys())
+    return "fp8" if float8 else "full"
 
 
 def variant(checkpoint: Checkpoint, config: MMDiTConfig) -> str:
@@ -185,7 +206,15 @@ def vae_config(checkpoint: Checkpoint) -> VAEConfig:
     """The VAE's configuration, from the file headers (and vae/config.json) alone."""
     files, prefix, settings = _vae_source(checkpoint)
     meta = read_meta(files, prefix)
-    return VAEConfig.from_state_dict(meta if checkpoint.single_file else vae_from_diffusers(meta), **settings)
+    return _vae_config(checkpoint, meta if checkpoint.single_file else vae_from_diffusers(meta), settings)
+
+
+def _vae_config(checkpoint: Checkpoint, state: dict, settings: dict) -> VAEConfig:
+    """`VAEConfig.from_state_dict`, its complaints (a group count that does not divide a width) as CheckpointErrors."""
+    try:
+        return VAEConfig.from_state_dict(state, **settings)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint.path}: the VAE's weights and vae/config.json do not fit: {e}") from None
 
 
 def load_vae(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VAE:
@@ -194,7 +223,7 @@ def load_vae(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, devi
     state = read_tensors(files, prefix, device=device)
     if not checkpoint.single_file:
         state = vae_from_diffusers(state)
-    config = VAEConfig.from_state_dict(state, **settings)  # what `vae_config` infers from the headers alone
+    config = _vae_config(checkpoint, state, settings)  # what `vae_config` infers from the headers alone
     with torch.device("meta"):
         vae = VAE(config)
     return load_weights(vae, state, what=f"VAE from {checkpoint.path}", dtype=dtype, device=device)

@@ -1,11 +1,12 @@
 """float8 weights: ComfyUI's scaled-float8 checkpoints, and 16/32-bit checkpoints quantised while they load.
 
-`weights` (`--weights`, `Pipeline.load(weights=)`): "full" (the default) holds every weight in the run's dtype, a
+`weights` (`--weights`, `Pipeline.load(weights=)`): "full" holds every weight in the run's dtype, a
 float8 file dequantised as it loads; "fp8" holds every linear layer of the MM-DiT and T5 as float8 with a float32
 scale (`mmdit.fp8.FP8Linear`), computing in the run's dtype, and keeps a layer the file stores in float8 as
-stored. Either way the file is read one tensor at a time (`load_streamed`). The files read (ComfyUI's
-"scaled fp8" and "comfy_quant" layouts, plain float8) and the numerics: docs/numerics.md §11.5; any other
-quantisation is an `UnsupportedQuantization` error naming what it found.
+stored. Not given (None), it follows the MM-DiT's file: "fp8" for a file that stores float8, "full" for any
+other (`loaders.checkpoint.stored_weights`). Either way the file is read one tensor at a time
+(`load_streamed`). The files read (ComfyUI's "scaled fp8" and "comfy_quant" layouts, plain float8) and the
+numerics: docs/numerics.md §11.5; any other quantisation is an `UnsupportedQuantization` error naming what it found.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from mmdit.errors import InputError
 from mmdit.fp8 import FP8_DTYPES, FP8Spec, dequantize, quantize, use_fp8_linears
 
-from .safetensors import CheckpointError, TensorReader, check_fits
+from .safetensors import CheckpointError, TensorReader, check_finite, check_fits, total
 from .transformer_keys import swap_halves
 
 WEIGHTS = ("full", "fp8")
@@ -54,7 +55,8 @@ def check_weights(weights: str) -> str:
     if weights not in WEIGHTS:
         raise InputError(f"weights {weights!r} is not one of {list(WEIGHTS)}: 'fp8' keeps the MM-DiT's and T5's "
                          "linear layers in float8 with a per-tensor scale (about half the memory of 16-bit); "
-                         "'full' (the default) keeps every weight in --dtype (--weights fp8 / weights='fp8')")
+                         "'full' keeps every weight in --dtype (--weights fp8 / weights='fp8'); by default a float8 "
+                         "file stays float8 and any other is full")
     return weights
 
 
@@ -226,6 +228,7 @@ def load_streamed(
                     specs[name] = FP8Spec(compute, per_channel=per_channel)
         use_fp8_linears(module, specs)
     state: dict[str, Tensor] = {}
+    totals: dict[str, Tensor] = {}  # each tensor's float64 sum: finite exactly when the tensor is
     for key, (parts, swap) in sources.items():
         layer, _, param = key.rpartition(".")
         spec = specs.get(layer)
@@ -233,12 +236,19 @@ def load_streamed(
             if layer in kept:
                 q = reader.read(parts[0])
                 scale = quant.scales.get(parts[0], torch.ones((), dtype=torch.float32))
+                totals[parts[0]], totals[f"{parts[0]} scale"] = total(q), total(scale)
             else:  # quantised now; the full-precision tensor is dropped before the next one is read
-                q, scale = quantize(_read(reader, quant, parts, swap, None), per_channel=spec.per_channel)
+                full = _read(reader, quant, parts, swap, None)
+                totals[key] = total(full)
+                q, scale = quantize(full, per_channel=spec.per_channel)
+                del full
             state[key], state[f"{layer}.weight_scale"] = q.to(device), scale.to(device)
         else:
             target = spec.compute_dtype if spec is not None else (torch.float32 if wide(key) else dtype)
             state[key] = _read(reader, quant, parts, swap, target).to(device)
+            if state[key].is_floating_point():
+                totals[key] = total(state[key])
+    check_finite(totals, what)  # NaN weights would give black images, silently
     module.load_state_dict(state, strict=True, assign=True)
     still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if still_meta:

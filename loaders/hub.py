@@ -23,6 +23,8 @@ DIFFUSERS_PATTERNS = [
 ]
 T5_PATTERNS = ["text_encoder_3/*"]
 WEIGHT_SUFFIXES = (".safetensors", ".json")  # never fetch pickled duplicates (.bin, .pt)
+HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3")  # whose errors mean "the network failed", whichever
+# huggingface_hub uses
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,29 @@ def resolve_model(model: str | None, *, need_t5: bool = True, say: Callable[[str
             f"--model {model!r}: no such file or folder, and not a Hugging Face repo id (owner/name)"
         )
     say(f"fetching {model} from the Hugging Face Hub (only the files this run needs)")
-    return ModelSource(download(model, need_t5=need_t5), model)
+    return ModelSource(download(model, need_t5=need_t5, offline=not hub_reachable()), model)
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hub's host answers a TCP connection within `timeout` seconds. Asked first, so that an
+    unreachable Hub means the local cache (or a one-line error) at once, not huggingface_hub's half minute of
+    retries. True when HF_HUB_OFFLINE is set (huggingface_hub then uses the cache itself) or a proxy is
+    configured (only the proxy can tell)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                                                     "all_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _patterns(files: list[str], need_t5: bool) -> list[str]:
@@ -69,12 +93,19 @@ def _patterns(files: list[str], need_t5: bool) -> list[str]:
     return [main, *[e for e in encoders if e in files], *tokenizers]
 
 
-def download(repo_id: str, *, need_t5: bool = True) -> Path:
-    """Fetch what a run needs from `repo_id`; returns the local single file or snapshot folder."""
+def download(repo_id: str, *, need_t5: bool = True, offline: bool = False) -> Path:
+    """Fetch what a run needs from `repo_id`; returns the local single file or snapshot folder. `offline`: the
+    Hub cannot be reached, so only the local cache is looked at."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    ignore = ["*.bin", "*.pt", "*.ckpt"]
     try:
+        if offline:
+            patterns = DIFFUSERS_PATTERNS + (T5_PATTERNS if need_t5 else [])
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore,
+                                            local_files_only=True))
+            return _component(repo_id, folder)
         try:
             files = HfApi().list_repo_files(repo_id)
         except (LocalEntryNotFoundError, OSError) as e:  # offline: the cache decides what exists
@@ -82,7 +113,7 @@ def download(repo_id: str, *, need_t5: bool = True) -> Path:
                 raise
             files = None
         patterns = _patterns(files, need_t5) if files is not None else DIFFUSERS_PATTERNS + (T5_PATTERNS if need_t5 else [])
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
     except GatedRepoError:
         raise AccessError(
             f"{repo_id} is gated. Open https://huggingface.co/{repo_id} while logged in and accept the license, "
@@ -98,6 +129,16 @@ def download(repo_id: str, *, need_t5: bool = True) -> Path:
             f"{repo_id} is not in the local cache (HF_HOME) and the Hub cannot be reached (HF_HUB_OFFLINE is set, "
             "or there is no network). Download it once with network access, or give a local path to --model."
         ) from None
+    except Exception as e:  # the HTTP client's own errors (connection reset, timeouts) are not all OSErrors
+        if not isinstance(e, (OSError, HfHubHTTPError)) and type(e).__module__.split(".")[0] not in HTTP_CLIENTS:
+            raise
+        raise MissingInputError(f"{repo_id}: the Hugging Face Hub did not answer ({type(e).__name__}: {e}); check "
+                                "the network and try again, or give a local path to --model") from None
+    return _component(repo_id, folder)
+
+
+def _component(repo_id: str, folder: Path) -> Path:
+    """The downloaded folder when it is a diffusers pipeline, else its main single file."""
     if (folder / "transformer").is_dir():
         return folder
     singles = sorted(p for p in folder.glob("*.safetensors"))

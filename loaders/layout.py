@@ -22,6 +22,7 @@ from dense.layout import region_name
 from mmdit.conditioning import Conditioning, assemble
 from samplers import sigmas
 
+from .files import write_atomic, write_bytes
 from .text import EncodedPrompts, TextFiles, clip_length
 from .tokenizers import ClipTokenizer, T5Tokenizer
 
@@ -118,19 +119,23 @@ def plan_layout(
     return positive, plan
 
 
+def attention_map_paths(folder: str | Path, layout: Layout) -> list[Path]:
+    """The files `save_attention_maps` writes for `layout`: a map per region with a phrase, then stats.json."""
+    folder = Path(folder)
+    return [folder / f"region_{n}.png" for n, r in enumerate(layout.regions) if r.phrase] + [folder / "stats.json"]
+
+
 def save_attention_maps(folder: str | Path, maps: AttentionMaps, size: tuple[int, int]) -> list[Path]:
-    """`region_<n>.png` per recorded region and `stats.json` (docs/densediffusion.md §10); returns their paths."""
+    """`region_<n>.png` per recorded region and `stats.json` (docs/densediffusion.md §10), each written
+    atomically (`loaders.files`); returns their paths."""
     from PIL import Image
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for n, attention in maps.region_maps().items():
-        path = folder / f"region_{n}.png"
-        Image.fromarray(map_to_image(attention, *size)).save(path)
-        written.append(path)
-    stats = folder / "stats.json"
-    stats.write_text(json.dumps(maps.to_stats(), indent=2))
+        picture = Image.fromarray(map_to_image(attention, *size))
+        written.append(write_atomic(folder / f"region_{n}.png", lambda f, p=picture: p.save(f, format="PNG")))
+    stats = write_bytes(folder / "stats.json", json.dumps(maps.to_stats(), indent=2).encode("utf-8"))
     return written + [stats]
 
 

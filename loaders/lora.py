@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mmdit.errors import InputError, MissingInputError
 from mmdit.fp8 import FP8Linear, dequantize, quantize
 
-from .safetensors import TensorReader
+from .safetensors import TensorReader, total
 from .transformer_keys import module_pairs
 
 COMPONENTS = ("transformer", "clip_l", "clip_g")  # what a LoRA may adapt: the MM-DiT and the two CLIPs
@@ -88,9 +88,11 @@ class LoRA:
             return cls.parse(value)
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (str, Path)):
             try:
-                return cls(Path(value[0]).expanduser(), float(value[1])).checked()
+                scale = float(value[1])
             except (TypeError, ValueError):
-                pass
+                scale = None
+            if scale is not None:
+                return cls(Path(value[0]).expanduser(), scale).checked()
         raise LoRAFormatError(f"a LoRA is a path, a (path, scale) pair or a loaders.lora.LoRA; got {value!r}")
 
     def checked(self) -> LoRA:
@@ -222,11 +224,25 @@ def _peft_alpha(config: Mapping, name: str, rank: int) -> tuple[float, bool]:
     `peft.utils.other.get_pattern_key` matches: the pattern must end the name at a `.` boundary), then
     `lora_alpha`, else r (what diffusers' `get_peft_kwargs` assumes without alphas)."""
     rslora = bool(config.get("use_rslora", False))
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise LoRAFormatError(f"its PEFT metadata's alpha_pattern is {patterns!r}, not a mapping of module names to "
+                              "alphas")
+    for pattern, alpha in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", name):
-            return float(alpha), rslora
+            return _metadata_number(alpha, f"alpha_pattern[{pattern!r}]"), rslora
     alpha = config.get("lora_alpha")
-    return (float(alpha) if alpha is not None else float(rank)), rslora
+    return (_metadata_number(alpha, "lora_alpha") if alpha is not None else float(rank)), rslora
+
+
+def _metadata_number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoRAFormatError(f"its PEFT metadata's {key} is {value!r}, not a finite number")
+    return float(value)
+
+
+def _finite(t: Tensor) -> bool:
+    return math.isfinite(total(t).item())
 
 
 def _peft_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, dict]:
@@ -239,6 +255,8 @@ def _peft_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, dict]:
         packed = json.loads(raw)
     except json.JSONDecodeError as e:
         raise LoRAFormatError(f"LoRA {path}: its '{PEFT_METADATA_KEY}' metadata is not valid JSON ({e})") from None
+    if not isinstance(packed, dict):
+        raise LoRAFormatError(f"LoRA {path}: its '{PEFT_METADATA_KEY}' metadata is not a JSON object")
     configs: dict[str, dict] = {}
     for ns in NAMESPACES:
         if ns.peft:
@@ -315,6 +333,12 @@ def read_lora(lora: LoRA | str | Path | tuple[str | Path, float]) -> LoRAFile:
                 if not t.is_floating_point() or t.ndim not in (2, 4):
                     raise LoRAFormatError(f"LoRA {path}: {roles[role]} should be a 2-D (or 4-D convolution) "
                                           f"float tensor, found {t.dtype} of shape {list(t.shape)}")
+                if not _finite(t):  # merged, NaN factors would make every image black
+                    raise LoRAFormatError(f"LoRA {path}: {roles[role]} holds NaN or infinite values; the file is "
+                                          "damaged (download it again, or ask whoever made it)")
+            if down.shape[0] == 0:
+                raise LoRAFormatError(f"LoRA {path}: {roles['down']} has rank 0 (shape {list(down.shape)}); it adapts "
+                                      "nothing and its scale alpha / r is undefined: the file is damaged")
             if up.shape[1] != down.shape[0] or up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
                 raise LoRAMismatchError(
                     f"LoRA {path}: {roles['up']} {list(up.shape)} and {roles['down']} {list(down.shape)} do not "
@@ -323,12 +347,20 @@ def read_lora(lora: LoRA | str | Path | tuple[str | Path, float]) -> LoRAFile:
             if "alpha" in roles:
                 alpha, rslora = _alpha(path, roles["alpha"], reader.read(roles["alpha"])), False
             elif ns.peft:
-                alpha, rslora = _peft_alpha(configs.get(ns.prefix, {}), name, down.shape[0])
+                try:
+                    alpha, rslora = _peft_alpha(configs.get(ns.prefix, {}), name, down.shape[0])
+                except LoRAFormatError as e:
+                    raise LoRAFormatError(f"LoRA {path}: {e}") from None
                 if configs.get(ns.prefix, {}).get("use_dora"):
                     raise LoRAFormatError(f"LoRA {path}: its PEFT metadata says use_dora; DoRA is not supported")
             else:
                 alpha, rslora = float(down.shape[0]), False
+            if not math.isfinite(alpha):
+                raise LoRAFormatError(f"LoRA {path}: the alpha of {module!r} is {alpha}; the file is damaged")
             bias = reader.read(roles["up_bias"]) if "up_bias" in roles else None
+            if bias is not None and not _finite(bias):
+                raise LoRAFormatError(f"LoRA {path}: {roles['up_bias']} holds NaN or infinite values; the file is "
+                                      "damaged")
             if bias is not None and tuple(bias.shape) != (up.shape[0],):
                 raise LoRAMismatchError(f"LoRA {path}: {roles['up_bias']} has shape {list(bias.shape)}, its up "
                                         f"factor {list(up.shape)}: the bias needs ({up.shape[0]},)")

@@ -27,12 +27,12 @@ from samplers import (
 )
 
 from .checkpoint import Checkpoint, check_offload, load_transformer, load_vae, locate, transformer_config, variant
-from .fp8 import check_weights
 from .hub import ModelSource, resolve_model
 from .layout import layout_record, match_layout, plan_layout, plan_regional, regional_layout
 from .lora import LoRA, LoRAFile, check_transformer_loras, lora_records, merge_loras, read_lora
 from .memory import MemoryLog, measure
 from .text import TextFiles, encode_prompts, find_text_files
+from .validate import check_call, check_checkpoint, check_finite_step, check_load
 
 LAYOUT_METHODS = ("dense", "regional")  # DenseDiffusion (docs/densediffusion.md), Regional Prompting
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by their CLI names
@@ -93,7 +93,10 @@ def denoiser(model: MMDiT, dense: DensePlan | RegionalPlan | None = None) -> Den
                 context = dense.context(context, call.positive)  # (B, S·(1 + prompts), D)
         elif dense is not None:
             attention = dense.for_call(call.step, call.positive, skip_layers=call.skip_layers)
-        return model(x, t, context, cond.pooled, skip_layers=call.skip_layers, dense=attention)
+        check_finite_step(x, call.step, "latents")
+        v = model(x, t, context, cond.pooled, skip_layers=call.skip_layers, dense=attention)
+        check_finite_step(v, call.step, "MM-DiT's output")
+        return v
 
     return denoise
 
@@ -328,7 +331,7 @@ class Pipeline:
     def load(cls, model: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
              device: str | torch.device | None = None, t5: bool = True, tokenizers: Path | None = None,
              keep_loaded: bool = False, offload: str = "none",
-             t5_device: str | torch.device | None = None, weights: str = "full",
+             t5_device: str | torch.device | None = None, weights: str | None = None,
              loras: Sequence[LoRA | str | Path | tuple[str | Path, float]] = (),
              preset: str = "diffusers", vae_dtype: torch.dtype | None = None, compile: bool = False) -> Pipeline:
         """`model` is what `--model` takes (None: the built-in model). `vae_dtype`: the VAE's own dtype (None:
@@ -336,18 +339,20 @@ class Pipeline:
         `preset`: "diffusers" (default settings, Euler) or "reference" (Stability's reference settings and
         DPM-Solver++(2M); see `model_defaults`). `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string
         spelt as `--lora PATH[:SCALE]`, or a (path, scale) pair; their MM-DiT keys are checked here, before any
-        weight is read, their CLIP keys when the encoders load. `compile`: `torch.compile` each joint block of the
+        weight is read, their CLIP keys when the encoders load. `weights`: None (the default) keeps a float8 file in float8 ("fp8") and loads any other in
+        `dtype` ("full"). `compile`: `torch.compile` each joint block of the
         MM-DiT when it loads; the first call of each block shape compiles, later ones run the compiled kernels,
         whose outputs differ from eager ones by rounding only (docs/performance.md)."""
+        check_load(locals())  # every argument's type and range, before anything is resolved or read
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         check_offload(offload)
-        check_weights(weights)
         if compile:
             check_compiler(device, offload)
         t5_device = None if t5_device is None else _device(t5_device, "t5_device (--t5-device)")
         source = resolve_model(None if model is None else str(model), need_t5=t5)
         checkpoint = locate(source.diffusion)
         config = transformer_config(checkpoint)
+        weights = check_checkpoint(checkpoint, weights)  # None: float8 if the file stores float8, else full
         defaults = model_defaults(source, checkpoint, config, preset)
         lora_files = tuple(read_lora(lora) for lora in loras)
         if lora_files:
@@ -462,6 +467,7 @@ class Pipeline:
         image's, rounded down to a multiple of 16, and the image is resized (Lanczos) to the size asked for.
         `mask` (greyscale: white = repaint, black = keep) with an init image makes it inpainting.
         """
+        check_call(self, locals())  # every argument, the size, the init image and mask: before anything runs
         init = _init_image(init_image, strength, mask)
         settings = self.settings(seed=seed, height=height, width=width, init_image=init_image, steps=steps, cfg=cfg,
                                  shift=shift, slg_layers=slg_layers, slg_scale=slg_scale, slg_start=slg_start,

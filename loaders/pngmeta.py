@@ -3,7 +3,9 @@
 Two text chunks, so an image can be reproduced and other tools can read it:
 * `parameters`: the AUTOMATIC1111 text (prompt, "Negative prompt: ...", then "Steps: .., Sampler: .., ...");
 * `sd3_minimal`: JSON with everything this project needs to make the same image again.
-Writing never replaces an existing file unless asked (the CLI checks before it starts; this checks again).
+Writing never replaces an existing file unless asked (the CLI checks before it starts; this checks again), and is
+atomic (`loaders.files`): a PNG at its final path is complete. `made_here` tells a resumed batch which files it
+can trust.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from mmdit.errors import InputError
+
+from .files import write_atomic
 
 JSON_KEY = "sd3_minimal"
 
@@ -48,8 +52,26 @@ def save_png(path: Path, image: np.ndarray, record: dict[str, Any], *, overwrite
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(record))
     info.add_text(JSON_KEY, json.dumps(record, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, pnginfo=info)
+    picture = Image.fromarray(image)
+    write_atomic(path, lambda f: picture.save(f, format="PNG", pnginfo=info))
+
+
+def made_here(path: Path) -> bool | None:
+    """What a resumed batch finds at `path`: True for a complete PNG this project wrote (it carries our metadata
+    and every pixel decodes), False for one it started and did not finish (our metadata, which precedes the
+    pixels, but the pixels are cut short: a write interrupted before writes were atomic), None for anything
+    else (someone else's file, to be left alone)."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or JSON_KEY not in im.info:  # text chunks before the pixels are read by open
+                return None
+            try:
+                im.load()
+            except (OSError, SyntaxError, ValueError, EOFError):
+                return False
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return True
 
 
 def read_png_metadata(path: Path) -> dict[str, Any]:

@@ -234,6 +234,27 @@ def check_fits(module: nn.Module, shapes: Mapping[str, tuple[int, ...]], *, what
         raise CheckpointError(f"{what}: the weights do not fit the model: " + " | ".join(problems))
 
 
+def total(t: Tensor) -> Tensor:
+    """The float64 sum of a floating tensor, not yet read back: finite exactly when every element is (NaN and
+    infinity propagate through a sum, and float64 cannot overflow on weights), one cheap op per tensor."""
+    return (t.to(torch.float16) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t).sum(dtype=torch.float64)
+
+
+def check_finite(totals: Mapping[str, Tensor], what: str) -> None:
+    """A CheckpointError naming the first tensor whose `total` is NaN or infinite: a damaged file, or values too
+    large for the dtype they were cast to. All totals are read back at once (one device sync)."""
+    if not totals:
+        return
+    device = next(iter(totals.values())).device
+    finite = torch.isfinite(torch.stack([t.to(device) for t in totals.values()])).cpu()
+    if bool(finite.all()):
+        return
+    key = next(k for k, ok in zip(totals, finite.tolist()) if not ok)
+    raise CheckpointError(f"{what}: tensor {key!r} holds NaN or infinite values: the file is damaged (download it "
+                          "again, or ask whoever made it), or its values are too large for the dtype asked for "
+                          "(then use bfloat16 or float32)")
+
+
 def load_weights(
     module: nn.Module,
     state: dict[str, Tensor],
@@ -250,13 +271,16 @@ def load_weights(
     as we go, so peak memory is the checkpoint plus one tensor. Returns the module in eval mode, without grads.
     """
     check_fits(module, {k: tuple(t.shape) for k, t in state.items()}, what=what)
+    totals: dict[str, Tensor] = {}
     for key in list(state):
         t = state[key]
         if t.is_floating_point():
             target = torch.float32 if fp32_keys is not None and fp32_keys(key) else dtype
             state[key] = t.to(device=device, dtype=target)
+            totals[key] = total(state[key])  # NaN weights would give black images, silently
         else:
             state[key] = t.to(device=device)
+    check_finite(totals, what)
     module.load_state_dict(state, strict=True, assign=True)
     still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if still_meta:  # a buffer the checkpoint does not carry: the module must create it itself

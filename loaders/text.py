@@ -194,13 +194,15 @@ def encode_texts(
     memory: MemoryLog | None = None,
     weights: str = "full",
     loras: Sequence[LoRAFile] = (),
+    labels: Sequence[str] = ("prompt",),
 ) -> tuple[list[Encoded], list[str], PromptTokens]:
     """Run every group of texts through CLIP-L, CLIP-G and T5, one encoder in memory at a time.
 
     Each group is one encoder call, as diffusers encodes the prompts and the negative prompts separately.
     Both CLIPs run at `clip_length` (the tokenizers' model_max_length, 77 in every released model), T5 at
     `max_sequence_length`.
-    Returns the encodings per group, the truncation messages of group 0, and group 0's first prompt's ids.
+    Returns the encodings per group, the truncation messages of the first `len(labels)` groups (each text named
+    by its group's label), and group 0's first prompt's ids.
     With `keep` (a dict owned by the caller) the tokenizers and encoders are loaded once, kept in it and
     reused by later calls, instead of being loaded and freed each time.
     `t5_device`: where T5 runs, in `dtype` like the others (default `device`); its output is moved to `device`.
@@ -231,9 +233,11 @@ def encode_texts(
         runs_on = t5_device if activation is None else device
         with measure(memory, name, device) as stage:
             tokens = [tokenizer.encode(list(texts), length) for texts in groups]
-            for text, cut in zip(groups[0], tokens[0].truncated):
-                if cut:
-                    notes.append(f"{name} keeps {length} tokens: the end of the prompt {text!r} was cut: {cut!r}")
+            for label, texts, group in zip(labels, groups, tokens):
+                for text, cut in zip(texts, group.truncated):
+                    if cut:
+                        notes.append(f"{name} keeps {length} tokens: the end of the {label} {_quoted(text)} was cut: "
+                                     f"{_quoted(cut)}")
             first_ids[name] = tokens[0].ids[0].tolist()
             if name in cache:
                 encoder = cache[name]
@@ -269,6 +273,13 @@ def encode_texts(
     return encoded, notes, ids
 
 
+def _quoted(text: str, limit: int = 80) -> str:
+    """`text` in quotes for a message, its middle left out when long (a 20,000-character prompt is not echoed)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[: limit - 20]!r}…{text[-12:]!r} ({len(text):,} characters)"
+
+
 def encode_prompts(
     files: TextFiles,
     prompts: list[str],
@@ -295,9 +306,10 @@ def encode_prompts(
     groups = [prompts] + ([negative_prompts] if negative_prompts is not None else [])
     if extra_texts:
         groups.append(extra_texts)
+    labels = ("prompt", "negative prompt") if negative_prompts is not None else ("prompt",)  # cuts to report
     encoded, notes, ids = encode_texts(files, groups, max_sequence_length=max_sequence_length, dtype=dtype,
                                        device=device, keep=keep, t5_device=t5_device, memory=memory,
-                                       weights=weights, loras=loras)
+                                       weights=weights, loras=loras, labels=labels)
     length = max_sequence_length
 
     def conditioning(e: Encoded) -> Conditioning:

@@ -13,6 +13,7 @@ Two things are not plain renames:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -199,12 +200,29 @@ def vae_config_from_diffusers(config_json: Mapping[str, object]) -> VAESettings:
                 "and that is the only variant implemented"
             )
     for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        kinds = set(config_json.get(key, [allowed]))  # type: ignore[arg-type]
+        kinds = config_json.get(key, [allowed])
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise CheckpointError(f"vae/config.json {key} must be a list of block names, got {kinds!r}")
+        kinds = set(kinds)
         if kinds != {allowed}:
             raise CheckpointError(f"vae/config.json {key} must all be {allowed!r}, got {sorted(kinds)}")
     shift = config_json.get("shift_factor")
+    scaling = _number(config_json.get("scaling_factor", 0.18215), "scaling_factor")
+    if scaling == 0:
+        raise CheckpointError("vae/config.json has scaling_factor=0; latents are divided by it (SD3: 1.5305)")
+    groups = config_json.get("norm_num_groups", 32)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise CheckpointError(f"vae/config.json has norm_num_groups={groups!r}; it must be a positive whole number "
+                              "(SD3: 32)")
     return VAESettings(
-        scaling_factor=float(config_json.get("scaling_factor", 0.18215)),  # type: ignore[arg-type]
-        shift_factor=0.0 if shift is None else float(shift),  # type: ignore[arg-type]
-        norm_groups=int(config_json.get("norm_num_groups", 32)),  # type: ignore[arg-type]
+        scaling_factor=scaling,
+        shift_factor=0.0 if shift is None else _number(shift, "shift_factor"),
+        norm_groups=groups,
     )
+
+
+def _number(value: object, key: str) -> float:
+    """A finite number from config.json, or a CheckpointError naming the key (NaN would make every image black)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"vae/config.json has {key}={value!r}; it must be a finite number")
+    return float(value)

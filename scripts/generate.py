@@ -9,8 +9,11 @@ anywhere; point --model at the official weights for real images:
   --model /path/to/sd3.5_large.safetensors                 (a Stability single file; text encoders from the
                                                              text_encoders/ folder next to it)
 Many prompts, weights loaded once: --prompts FILE (one prompt per line, or JSON Lines with "prompt",
-"negative_prompt", "seed", "layout", "out"); images that already exist are skipped, so a rerun resumes.
+"negative_prompt", "seed", "layout", "out"); images it already made are skipped, so a rerun resumes.
 The same command under `torchrun --nproc-per-node N` shares the prompts out by rank.
+Every argument, file and line is checked before any weight is loaded (`loaders.validate`); every file is
+written whole or not at all (`loaders.files`), and nothing this program did not make is replaced without
+--overwrite.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from loaders.checkpoint import OFFLOAD
 from loaders.fp8 import WEIGHTS
 from loaders.lora import LoRA
 from loaders.pipeline import DTYPES, LAYOUT_METHODS, PRESET_KINDS
+from loaders.validate import SEEDS
 from mmdit.errors import InputError
 from samplers import DEFAULT_STRENGTH, SAMPLERS, first_step
 
@@ -103,14 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "moves to --device")
     mem.add_argument("--report-memory", action="store_true",
                      help="print each stage's weight bytes and peak memory as a table (stdout)")
-    mem.add_argument("--weights", choices=list(WEIGHTS), default="full",
+    mem.add_argument("--weights", choices=list(WEIGHTS),
                      help="fp8: the MM-DiT's and T5's linear layers in float8 with a per-tensor scale, computed in "
-                          "--dtype (about half the memory of 16-bit); full: every weight in --dtype. ComfyUI's "
-                          "*_fp8_scaled files load with either")
+                          "--dtype (about half the memory of 16-bit); full: every weight in --dtype. Default: as "
+                          "the file stores them (a float8 file, e.g. ComfyUI's *_fp8_scaled, stays float8)")
     run.add_argument("--out", help="PNG path; with --num-images N: name_0.png ...; with --prompts a template with "
                                    f"{{index}} and {{seed}} (default {TEMPLATE}) [default out.png]")
     run.add_argument("--save-latents", type=Path, help="also write the final latents (key 'latents') here")
-    run.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    run.add_argument("--overwrite", action="store_true", help="replace existing output files (without it, nothing "
+                     "this program did not make is replaced; a batch remakes only what is missing or unfinished)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     args = p.parse_args(argv)
     given = [name for name in ("prompt", "prompts", "prompt_embeds") if getattr(args, name) is not None]
@@ -172,6 +177,7 @@ class Job:
     seed: int
     layout: Path | dict | None
     outputs: tuple[Path, ...]
+    where: str = "--out"  # how messages name where its outputs come from
 
 
 def image_paths(out: Path, count: int) -> list[Path]:
@@ -179,14 +185,18 @@ def image_paths(out: Path, count: int) -> list[Path]:
 
 
 def read_jobs(args: argparse.Namespace, count: int) -> list[Job]:
-    """The jobs of a run: one for --prompt / --prompt-embeds / --layout, one per line of --prompts."""
+    """The jobs of a run: one for --prompt / --prompt-embeds / --layout, one per line of --prompts (each line's
+    keys and their types checked here; everything else about it by `check_job` before the first image)."""
     if args.prompts is None:
-        out = Path(args.out or "out.png")
+        out = _png(args.out or "out.png", "--out")
         return [Job(0, args.prompt, args.negative_prompt, args.seed, args.layout, tuple(image_paths(out, count)))]
     try:
         lines = args.prompts.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise InputError(f"cannot read --prompts {args.prompts}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompts {args.prompts} is not UTF-8 text (byte {e.start} cannot be decoded); save it "
+                         "as UTF-8") from None
     template = args.out or TEMPLATE
     jobs = []
     for number, line in enumerate(lines, 1):
@@ -195,8 +205,6 @@ def read_jobs(args: argparse.Namespace, count: int) -> list[Job]:
         where = f"{args.prompts}:{number}"
         entry = _json_line(line, where) if line.lstrip().startswith("{") else {"prompt": line.strip()}
         index, seed = len(jobs), entry.get("seed", args.seed)
-        if not isinstance(seed, int):
-            raise InputError(f"{where}: \"seed\" must be an integer, got {seed!r}")
         layout = entry.get("layout")
         if isinstance(layout, str):  # a layout file, relative to the prompts file
             layout = args.prompts.parent / layout
@@ -204,17 +212,28 @@ def read_jobs(args: argparse.Namespace, count: int) -> list[Job]:
         if out is None:
             try:
                 out = template.format(index=index, seed=seed)
-            except (KeyError, IndexError, ValueError) as e:
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
                 raise InputError(f"--out {template!r} is not a template of {{index}} and {{seed}}: {e}") from None
+        what = f'{where} "out"' if "out" in entry else f"--out (line {number})"
         jobs.append(Job(index, entry.get("prompt"), entry.get("negative_prompt", args.negative_prompt), seed, layout,
-                        tuple(image_paths(Path(out), count))))
+                        tuple(image_paths(_png(out, what), count)), what))
     if not jobs:
         raise InputError(f"--prompts {args.prompts} holds no prompts")
-    outputs = [p for job in jobs for p in job.outputs]
-    if len(set(outputs)) < len(outputs):
-        raise InputError(f"two lines of {args.prompts} would write the same file; put {{index}} in --out "
-                         "or give each line its own \"out\"")
     return jobs
+
+
+def _png(out: str, what: str) -> Path:
+    """An image output path; only PNG carries the settings that made the image."""
+    if not out or not out.strip():
+        raise InputError(f"{what} is empty; give a .png path")
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".png":
+        raise InputError(f"{what} {out!r}: images are written as PNG (it carries the settings that made them); give "
+                         "a name ending in .png and convert it afterwards if you need another format")
+    return path
+
+
+LINE_KEYS = {"prompt": (str,), "negative_prompt": (str,), "seed": (int,), "layout": (str, dict), "out": (str,)}
 
 
 def _json_line(line: str, where: str) -> dict:
@@ -222,11 +241,20 @@ def _json_line(line: str, where: str) -> dict:
         entry = json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-    unknown = sorted(set(entry) - {"prompt", "negative_prompt", "seed", "layout", "out"})
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: a JSON line must be an object like {{\"prompt\": \"a red circle\"}}")
+    unknown = sorted(set(entry) - set(LINE_KEYS))
     if unknown:
         raise InputError(f"{where}: unknown key(s) {unknown}; a line may have prompt, negative_prompt, seed, layout, out")
     if not isinstance(entry.get("prompt", ""), str) or ("prompt" not in entry and "layout" not in entry):
         raise InputError(f"{where}: needs a \"prompt\" string (or a \"layout\" that has one)")
+    for key, types in LINE_KEYS.items():
+        value = entry.get(key)
+        if key in entry and (not isinstance(value, types) or isinstance(value, bool)):
+            wanted = {"layout": "a layout file path or a layout object", "seed": "a whole number"}.get(key, "a string")
+            raise InputError(f"{where}: \"{key}\" must be {wanted}, got {json.dumps(value)}")
+    if "seed" in entry and not SEEDS[0] <= entry["seed"] <= SEEDS[1]:
+        raise InputError(f"{where}: \"seed\" {entry['seed']} is outside torch's seed range [{SEEDS[0]}, {SEEDS[1]}]")
     return entry
 
 
@@ -236,17 +264,100 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, say)
     except InputError as e:  # what the user gave is wrong: one line; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every file is written atomically: what is on disk is complete
+        print("interrupted: the images finished so far are kept; run the same command again to make the rest",
+              file=sys.stderr)
+        return 130
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a run will write, checked before any weight is loaded."""
+
+    todo: list[Job]  # this rank's jobs that have something to make
+    pending: list[Job]  # every rank's (checked on every rank, so that all of them fail alike)
+    write: set[Path]  # the image paths to write (missing, unfinished, or --overwrite)
+    manifest: Path | None  # where a batch's manifest goes
+    notes: list[str]  # what the user should know (files left alone)
+
+
+def plan_outputs(args: argparse.Namespace, jobs: list[Job], rank: int, world: int) -> Outputs:
+    """Which files the run writes, and the checks that protect what is there: every path writable and none of
+    them the same file twice; a single run replaces nothing without --overwrite; a batch skips the images it
+    already made, remakes ones it did not finish, and leaves anyone else's file alone (its manifest.json too)."""
+    from dense import parse_layout, read_layout
+    from loaders.files import check_outputs
+    from loaders.layout import attention_map_paths
+    from loaders.pngmeta import made_here
+
+    paths = [(p, job.where) for job in jobs for p in job.outputs]
+    extra: list[tuple[Path, str]] = []
+    if args.save_latents:
+        extra.append((args.save_latents, "--save-latents"))
+    if args.attention_maps:
+        layout = jobs[0].layout
+        layout = read_layout(layout) if isinstance(layout, (str, Path)) else parse_layout(layout) if layout else None
+        if layout is not None:
+            extra += [(p, "--attention-maps") for p in attention_map_paths(args.attention_maps, layout)]
+    manifest = None
+    if args.prompts is not None:
+        folder = Path(os.path.commonpath([str(p.parent.resolve()) for p, _ in paths]))
+        manifest = folder / "manifest.json"  # rewritten each run: it describes the whole batch as it now stands
+        extra.append((manifest, "the batch's manifest"))
+    check_outputs(paths + extra, hint="put {index} in --out or give each line its own \"out\"" if args.prompts
+                  else "give each output its own path")
+    notes: list[str] = []
+    if args.prompts is None:
+        existing = [str(p) for p, _ in paths + extra if p.exists()]
+        if existing and not args.overwrite:
+            raise InputError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
+        return Outputs(jobs, jobs, {p for p, _ in paths}, None, notes)
+    if manifest.exists() and not args.overwrite and not _our_manifest(manifest):
+        raise InputError(f"{manifest} exists and is not a manifest this program wrote; the batch writes its "
+                         "manifest.json there: move that file, or pass --overwrite")
+    write: set[Path] = set()
+    for p, _ in paths:
+        state = made_here(p) if p.exists() else False
+        if args.overwrite or state is False:  # missing, or an image of ours that was cut short
+            write.add(p)
+        elif state is None:
+            notes.append(f"{p} exists and was not made by this program; left alone (--overwrite replaces it)")
+    pending = [job for job in jobs if any(p in write for p in job.outputs)]
+    todo = [job for job in jobs[rank::world] if job in pending]
+    return Outputs(todo, pending, write, manifest, notes)
+
+
+def _our_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"prompts", "world_size", "images"} <= set(data)
+
+
+def job_call(args: argparse.Namespace, job: Job) -> dict:
+    """The `Pipeline.__call__` arguments of a job (besides the progress callback and the memory log)."""
+    return dict(prompt=job.prompt, layout=job.layout, negative_prompt=job.negative_prompt, seed=job.seed,
+                num_images=args.num_images, max_sequence_length=args.max_sequence_length,
+                dense_strength=args.dense_strength, dense_preset=args.dense_preset,
+                record_maps=args.attention_maps is not None, init_image=args.init_image, strength=args.strength,
+                mask=args.mask, steps=args.steps, cfg=args.cfg, shift=args.shift, height=args.height,
+                width=args.width, slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
+                slg_stop=args.slg_stop, sampler=args.sampler, **_regional(args))
 
 
 def run(args: argparse.Namespace, say) -> int:
+    from safetensors.torch import save as safetensors_bytes
+
     from loaders import Pipeline
+    from loaders.files import write_bytes
     from loaders.layout import save_attention_maps
     from loaders.memory import MemoryLog, memory_table
     from loaders.pngmeta import save_png
     from loaders.safetensors import read_tensors
-    from safetensors.torch import save_file
+    from loaders.validate import check_call, check_job
 
     rank, world = _distributed()
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -254,20 +365,26 @@ def run(args: argparse.Namespace, say) -> int:
     rows = embeds["prompt_embeds"].shape[0] if embeds is not None and "prompt_embeds" in embeds else 1
     jobs = read_jobs(args, rows * args.num_images)
 
-    # Check every output path before any heavy work, so nothing the user has is lost.
-    extra = [args.save_latents] if args.save_latents else []
-    if args.attention_maps:
-        extra.append(args.attention_maps / "stats.json")
-    if args.prompts is None:
-        existing = [str(p) for p in [*jobs[0].outputs, *extra] if p.exists()]
-        if existing and not args.overwrite:
-            raise InputError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
-    todo = [job for job in jobs[rank::world] if args.overwrite or not all(p.exists() for p in job.outputs)]
+    # Everything is checked before any weight is loaded: the outputs (so nothing the user has is lost), then
+    # every job that has work to do, against the model's headers (a Pipeline that has loaded no weights yet).
+    plan = plan_outputs(args, jobs, rank, world)
+    for note in plan.notes:
+        say(f"note: {note}")
+    options = dict(dtype=DTYPES[args.dtype], device=device, t5=not args.no_t5, tokenizers=args.tokenizers,
+                   offload=args.offload, t5_device=args.t5_device, weights=args.weights, loras=args.lora,
+                   preset=args.preset, vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None,
+                   compile=args.compile)
+    pipe = Pipeline.load(args.model, keep_loaded=False, **options)
+    tokenizers: dict = {}  # loaded once for all the lines' layouts
+    for job in plan.pending:
+        if embeds is not None:
+            check_call(pipe, {**job_call(args, job), "prompt": None})
+        else:
+            check_job(pipe, job_call(args, job), keep=tokenizers)
+    if len(plan.todo) > 1:  # the same model, now kept loaded for the whole batch
+        pipe = Pipeline.load(args.model, keep_loaded=True, **options)
+    todo = plan.todo
 
-    pipe = Pipeline.load(args.model, dtype=DTYPES[args.dtype], device=device, t5=not args.no_t5,
-                         tokenizers=args.tokenizers, keep_loaded=len(todo) > 1, offload=args.offload,
-                         t5_device=args.t5_device, weights=args.weights, loras=args.lora, preset=args.preset,
-                         vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None, compile=args.compile)
     memory = MemoryLog() if args.report_memory else None
     if pipe.defaults.note:
         say(f"note: {pipe.defaults.note}")
@@ -277,17 +394,21 @@ def run(args: argparse.Namespace, say) -> int:
         say("Using the built-in tiny model: it only knows 128x128 scenes of circles, squares and triangles in red, "
             "green, blue and yellow, e.g. 'a red circle and a blue square'.")
         say("For real images give the official weights, e.g. --model stabilityai/stable-diffusion-3.5-medium")
-    options = dict(steps=args.steps, cfg=args.cfg, shift=args.shift, height=args.height, width=args.width,
-                   slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
-                   slg_stop=args.slg_stop, sampler=args.sampler)
-    settings = pipe.settings(seed=args.seed, init_image=args.init_image, **options)
+    call = job_call(args, jobs[0])
+    settings = pipe.settings(seed=args.seed, init_image=args.init_image,
+                             **{k: call[k] for k in ("steps", "cfg", "shift", "height", "width", "slg_layers",
+                                                     "slg_scale", "slg_start", "slg_stop", "sampler")})
     steps = settings.steps
     if args.init_image is not None:
         steps -= first_step(settings.steps, DEFAULT_STRENGTH if args.strength is None else args.strength)
+    weights = f", weights {pipe.weights}"
+    if args.weights is None:  # chosen by the file: say so, and how to choose the other
+        weights += (" (the file stores float8; --weights full dequantises it)" if pipe.weights == "fp8" else
+                    " (the file is not float8; --weights fp8 quantises it)")
     say(f"model {pipe.checkpoint.name} ({pipe.defaults.variant}), {settings.steps} steps, cfg {settings.cfg}, "
         f"shift {settings.shift}, {settings.sampler}, {settings.width}x{settings.height}, {args.dtype} on {device}"
-        + (", float8 weights" if args.weights == "fp8" else "")
-        + (f"; {len(jobs)} prompts, {len(jobs) - len(todo) if world == 1 else 'some'} already made" if args.prompts else ""))
+        + weights
+        + (f"; {len(jobs)} prompts, {len(jobs) - len(plan.pending)} already made" if args.prompts else ""))
 
     conditioning = None  # --prompt-embeds: checked and repeated once, before any weight is loaded
     if embeds is not None:
@@ -302,28 +423,22 @@ def run(args: argparse.Namespace, say) -> int:
         bar = tqdm(total=steps * len(todo), desc="sampling", unit="step", file=sys.stderr)
     started, made = time.perf_counter(), []
     for job in todo:
-        call = dict(negative_prompt=job.negative_prompt, seed=job.seed, num_images=args.num_images,
-                    max_sequence_length=args.max_sequence_length, dense_strength=args.dense_strength,
-                    dense_preset=args.dense_preset, record_maps=args.attention_maps is not None,
-                    **_regional(args),
-                    callback=(lambda i, x: bar.update(1)) if bar else None, memory=memory,
-                    init_image=args.init_image, strength=args.strength, mask=args.mask, **options)
+        call = dict(job_call(args, job), callback=(lambda i, x: bar.update(1)) if bar else None, memory=memory)
         if conditioning is not None:
+            del call["prompt"], call["layout"]
             result = pipe(prompt_embeds=conditioning[0], negative_embeds=conditioning[1], **call)
             result.record["prompt_embeds"] = str(args.prompt_embeds)
         else:
-            result = pipe(job.prompt, layout=job.layout, **call)
+            result = pipe(**call)
         for note in result.warnings:
             say(f"warning: {note}")
         if args.compile and not made:
             say(f"--compile: the first image took {time.perf_counter() - started:.1f} s, compiling included")
         for i, path in enumerate(job.outputs):
-            if args.overwrite or not path.exists():
-                save_png(path, np.asarray(result.images[i]), {**result.record, "image_index": i},
-                         overwrite=args.overwrite)
+            if path in plan.write:  # missing, unfinished, or --overwrite: never someone else's file without it
+                save_png(path, np.asarray(result.images[i]), {**result.record, "image_index": i}, overwrite=True)
         if args.save_latents:
-            args.save_latents.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"latents": result.latents.float().cpu().contiguous()}, str(args.save_latents))
+            write_bytes(args.save_latents, safetensors_bytes({"latents": result.latents.float().cpu().contiguous()}))
         if result.maps is not None:
             save_attention_maps(args.attention_maps, result.maps, (settings.height, settings.width))
         made.append({"index": job.index, "prompt": result.record["prompt"], "seed": job.seed, "rank": rank,
@@ -331,8 +446,9 @@ def run(args: argparse.Namespace, say) -> int:
     if bar:
         bar.close()
     elapsed = time.perf_counter() - started
-    if args.prompts is not None:
-        _write_manifest(jobs, made, rank, world, args)
+    if plan.manifest is not None:
+        _write_manifest(plan.manifest, jobs, made, rank, world, args)
+        say(f"manifest: {plan.manifest}")
     if world > 1:
         _leave_process_group()
     if memory is not None:  # what was asked for, so on stdout and not silenced by --quiet
@@ -364,8 +480,11 @@ def _leave_process_group() -> None:
     dist.destroy_process_group()
 
 
-def _write_manifest(jobs: list[Job], made: list[dict], rank: int, world: int, args: argparse.Namespace) -> None:
+def _write_manifest(path: Path, jobs: list[Job], made: list[dict], rank: int, world: int,
+                    args: argparse.Namespace) -> None:
     """Rank 0 writes manifest.json beside the prompts' outputs: every job, and which run (and rank) made it."""
+    from loaders.files import write_json
+
     if world > 1:
         import torch.distributed as dist
 
@@ -378,9 +497,7 @@ def _write_manifest(jobs: list[Job], made: list[dict], rank: int, world: int, ar
     entries = [{"index": j.index, "prompt": j.prompt, "seed": j.seed, "images": [str(p) for p in j.outputs],
                 "made_by_rank": done[j.index]["rank"] if j.index in done else None,
                 "status": "made" if j.index in done else "existed"} for j in jobs]
-    folder = Path(os.path.commonpath([str(p.parent.resolve()) for j in jobs for p in j.outputs]))
-    path = folder / "manifest.json"  # rewritten each run: it describes the whole batch as it now stands
-    path.write_text(json.dumps({"prompts": str(args.prompts), "world_size": world, "images": entries}, indent=1))
+    write_json(path, {"prompts": str(args.prompts), "world_size": world, "images": entries})
 
 
 if __name__ == "__main__":
