@@ -172,6 +172,10 @@ def test_pipeline_records_the_method(pipe):
     assert r.record["layout_method"] == "regional" and r.record["dense_strength"] is None
     assert r.record["regional"] == {"base_ratio": 0.2, "inject_steps": 1, "inject_interval": 2}
     assert r.record["layout"]["background"] == "grey"
+    # the phrases are prompts of their own: they need not occur in the base prompt (DenseDiffusion refuses this)
+    pipe("two shapes", seed=0, steps=1, layout={"regions": LAYOUT["regions"]}, layout_method="regional")
+    with pytest.raises(InputError):
+        pipe("two shapes", seed=0, steps=1, layout={"regions": LAYOUT["regions"]})
     with pytest.raises(InputError):
         pipe(seed=0, steps=2, layout=LAYOUT, layout_method="nope")
     with pytest.raises(InputError):
