@@ -357,7 +357,8 @@ def read_layout_upload(paths: list[str | Path], height: int, width: int) -> tupl
             files[path.name] = path.read_bytes()
     jsons = [name for name in files if name.lower().endswith(".json")]
     if len(jsons) != 1:
-        raise InputError(f"upload one layout .json (with its mask images) or one layout .zip; got {sorted(files) or 'nothing'}")
+        raise InputError("upload one layout .json (with its mask images) or one layout .zip; "
+                         f"got {sorted(files) or 'nothing'}")
     try:
         data = json.loads(files[jsons[0]].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -500,9 +501,9 @@ def outlined_image(image: Image.Image, regions: list[StudioRegion], side: int = 
     k = display_scale(image.height, image.width, side)
     pixels = enlarge(np.asarray(image.convert("RGB")), k).copy()
     for r in regions:
-        pixels[outline(enlarge(r.mask, k), 3)] = PALETTE[r.colour][1]
+        pixels[outline(enlarge(r.mask, k), max(2, k))] = PALETTE[r.colour][1]
     canvas = Image.fromarray(pixels)
-    draw, face = ImageDraw.Draw(canvas), font(14)
+    draw, face = ImageDraw.Draw(canvas), font(max(12, canvas.width // 28))
     for r in regions:
         rows, cols = np.nonzero(r.mask)
         x, y = int(cols.min()) * k + 4, int(rows.min()) * k + 4
@@ -532,11 +533,13 @@ def attention_overlay(image: Image.Image, attention: np.ndarray, region: StudioR
     return Image.fromarray(pixels)
 
 
-def denoise_strip(previews: list[np.ndarray], final: Image.Image, per_row: int = 10, tile: int = 72) -> Image.Image:
-    """One tile per step (the latent preview after that step, numbered) and the decoded image last."""
+def denoise_strip(previews: list[np.ndarray], final: Image.Image, tile: int = 72) -> Image.Image:
+    """One tile per step (the latent preview after that step, numbered) and the decoded image last, in rows of at
+    most 11 of equal length."""
     tiles = [Image.fromarray(p) for p in previews] + [final.convert("RGB")]
     gap, label = 6, 16
-    n_rows = -(-len(tiles) // per_row)
+    n_rows = -(-len(tiles) // 11)
+    per_row = -(-len(tiles) // n_rows)
     strip = Image.new("RGB", (per_row * (tile + gap) - gap, n_rows * (tile + label + gap) - gap), (255, 255, 255))
     draw, face = ImageDraw.Draw(strip), font(11)
     for i, t in enumerate(tiles):
@@ -582,6 +585,7 @@ class Outcome:
     plain: Image.Image | None  # the same seed without the layout
     outlined: Image.Image
     maps: list[tuple[Image.Image, str]]  # overlay, caption
+    shares: list[tuple[StudioRegion, float, float | None]]  # region, its area, its attention's in-region share
     strip: Image.Image
     png: Path
     layout: Path
@@ -623,13 +627,12 @@ def generate(pipe, request: Request, folder: Path, model_arg: str | None, progre
         plain_seconds = time.perf_counter() - started
     image = result.images[0]
     stats = {s["region"]: s for s in result.maps.to_stats()["regions"]}
-    maps = []
+    maps, shares = [], []
     for n, attention in result.maps.region_maps().items():
         region, s = request.regions[n], stats[n]
         share = "—" if s["in_region_fraction"] is None else f"{s['in_region_fraction']:.0%}"
-        maps.append((attention_overlay(image, attention.numpy(), region),
-                     f'"{region.phrase}": {share} of its attention inside its region (the region is {s["area"]:.0%} '
-                     "of the image)"))
+        maps.append((attention_overlay(image, attention.numpy(), region), f'"{region.phrase}": {share} inside'))
+        shares.append((region, s["area"], s["in_region_fraction"]))
     files = layout_files(request.regions, request.prompt)
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"studio_seed{request.seed}.png"
@@ -649,16 +652,28 @@ def generate(pipe, request: Request, folder: Path, model_arg: str | None, progre
                 z.writestr(name, data)
     notes = tuple(result.warnings) + tuple(friendly(str(w.message), request.regions) for w in caught
                                            if str(w.message).startswith("regions["))
-    return Outcome(image, plain, outlined_image(image, request.regions), maps, denoise_strip(previews, image), png,
-                   layout_path, cli_command(request, model_arg), seconds, plain_seconds, notes)
+    return Outcome(image, plain, outlined_image(image, request.regions), maps, shares,
+                   denoise_strip(previews, image), png, layout_path, cli_command(request, model_arg), seconds,
+                   plain_seconds, notes)
+
+
+def share_table(shares: list[tuple[StudioRegion, float, float | None]]) -> str:
+    """The in-region shares as a Markdown table: how much of each phrase's attention lands inside its region."""
+    rows = [f"| {r.name} | {r.phrase} | {area:.0%} | {'—' if share is None else f'{share:.0%}'} |"
+            for r, area, share in shares]
+    return "\n".join(["| region | phrase | its share of the image tokens | its phrase's attention inside it |",
+                      "|---|---|---|---|", *rows])
 
 
 def cli_command(request: Request, model_arg: str | None) -> str:
-    """The command line that makes the same image from the layout download."""
-    model = f" --model {model_arg}" if model_arg else ""
+    """The command line that makes the same image from the layout download (floats as Python writes them, which
+    read back to the same numbers)."""
+    import shlex
+
+    model = f" --model {shlex.quote(model_arg)}" if model_arg else ""
     return (f"python scripts/generate.py{model} --layout layout.json --seed {request.seed} --steps {request.steps} "
-            f"--cfg {request.cfg:g} --height {request.height} --width {request.width} "
-            f"--dense-preset {request.preset} --dense-strength {request.strength:g} --out image.png")
+            f"--cfg {request.cfg} --height {request.height} --width {request.width} "
+            f"--dense-preset {request.preset} --dense-strength {request.strength} --out image.png")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -668,9 +683,10 @@ CSS = """
 .gradio-container { max-width: 1440px !important; }
 #studio-title h1 { margin-bottom: 0; }
 #studio-title p { margin-top: 4px; color: var(--body-text-color-subdued); }
+#result img, #plain img { width: 100%; height: 100%; object-fit: contain; }
 .pixelated img { image-rendering: pixelated; }
 #studio-time { font-size: 1.05em; }
-#studio-command textarea, #studio-command pre { font-size: 12px; }
+#studio-command textarea { font-family: ui-monospace, monospace; font-size: 12px; }
 #generate-button { min-height: 48px; font-size: 1.1em; }
 """ + "".join(f".phrase-{i} textarea, .phrase-{i} input {{ border-left: 8px solid {hex_colour(c)} !important; }}\n"
               for i, (_, c) in enumerate(PALETTE))
@@ -793,15 +809,15 @@ def build_page(pipe, model_arg: str | None = None):
         pixelated = ["pixelated"] if max(request.height, request.width) < 384 else []
         return [gr.update(value=outcome.image, elem_classes=pixelated),
                 gr.update(value=outcome.plain, visible=outcome.plain is not None, elem_classes=pixelated),
-                outcome.outlined, outcome.maps, outcome.strip, timing + notes,
+                outcome.outlined, outcome.maps, share_table(outcome.shares), outcome.strip, timing + notes,
                 gr.update(value=str(outcome.png), interactive=True),
                 gr.update(value=str(outcome.layout), interactive=True, label=f"Layout ({outcome.layout.name})"),
                 outcome.command]
 
     with gr.Blocks(title="sd3-minimal layout studio", delete_cache=(3600, 3600)) as page:
-        gr.Markdown(INTRO + f"\n\nModel: **{model_arg or 'the built-in model'}** "
-                    f"({pipe.defaults.variant}; default {size}×{size}, {preset.steps} steps, CFG {preset.cfg:g}).",
-                    elem_id="studio-title")
+        model_name = f"{model_arg} ({pipe.defaults.variant})" if model_arg else "the built-in tiny model (shapes)"
+        gr.Markdown(INTRO + f"\n\nModel: **{model_name}**, by default {size}×{size}, {preset.steps} steps, "
+                    f"CFG {preset.cfg:g}.", elem_id="studio-title")
         labels_state = gr.State(np.full((size, size), -1, dtype=np.int16))
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=420):
@@ -827,16 +843,17 @@ def build_page(pipe, model_arg: str | None = None):
                     preset_box = gr.Dropdown(list(PRESET_NAMES), value="faithful", label="Preset",
                                              elem_id="preset")
                     strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Strength", elem_id="strength")
-                    boxes = gr.Checkbox(False, label="Regions as boxes (each colour's bounding box)",
-                                        elem_id="boxes")
+                    seed = gr.Number(0, precision=0, label="Seed", elem_id="seed", minimum=0)
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=preset.steps, step=1, label="Steps", elem_id="steps")
                     cfg = gr.Slider(1, 15, value=preset.cfg, step=0.5, label="CFG", elem_id="cfg")
-                    seed = gr.Number(0, precision=0, label="Seed", elem_id="seed", minimum=0)
                 with gr.Row():
                     width = gr.Slider(64, 2048, value=size, step=16, label="Width", elem_id="width")
                     height = gr.Slider(64, 2048, value=size, step=16, label="Height", elem_id="height")
+                with gr.Row():
                     compare = gr.Checkbox(False, label="Compare with no layout (same seed)", elem_id="compare")
+                    boxes = gr.Checkbox(False, label="Regions as boxes (each colour's bounding box)",
+                                        elem_id="boxes")
                 go = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 with gr.Accordion("Import a layout, a colour mask or a PNG made here", open=False):
                     png_in = gr.File(label="Drop a PNG made here (or by scripts/generate.py) to restore its settings "
@@ -860,15 +877,18 @@ def build_page(pipe, model_arg: str | None = None):
                                      buttons=["fullscreen"])
                     outlined = gr.Image(label="Regions", type="pil", format="png", interactive=False,
                                         elem_id="outlined", height=400, buttons=["fullscreen"])
-                maps = gr.Gallery(label="Where each phrase looks: attention map, its region outlined",
-                                  columns=3, height="auto", format="png", elem_id="maps", object_fit="contain")
-                strip = gr.Image(label="Denoising: the latents after each step (no VAE), then the image", type="pil",
-                                 format="png", interactive=False, elem_id="strip", buttons=["fullscreen"])
+                maps = gr.Gallery(label="Where each phrase looks: its attention map, its region outlined",
+                                  columns=3, height=350, format="png", elem_id="maps", object_fit="contain")
+                maps_table = gr.Markdown(elem_id="maps-table")
+                gr.Markdown("**Denoising**: the latents after each step (a fixed colour map, no VAE), then the image")
+                strip = gr.Image(show_label=False, type="pil", format="png", interactive=False, elem_id="strip",
+                                 buttons=["fullscreen"])
                 with gr.Row():
                     png_out = gr.DownloadButton("PNG with its settings", interactive=False, elem_id="png-out")
                     layout_out = gr.DownloadButton("Layout", interactive=False, elem_id="layout-out")
-                command = gr.Code(label="The same image from the command line (unpack the layout download first)",
-                                  language="shell", interactive=False, elem_id="studio-command")
+                command = gr.Textbox(label="The same image from the command line (unpack the layout download "
+                                     "first)", lines=2, interactive=False, elem_id="studio-command",
+                                     buttons=["copy"])
 
         phrases = list(phrase_boxes)
         editor.input(on_paint, [editor, labels_state, base, prompt, *phrases],
@@ -888,7 +908,7 @@ def build_page(pipe, model_arg: str | None = None):
             None, js=SELECT_BRUSH)
         png_in.upload(import_png, [png_in], import_outputs, queue=False).then(None, js=SELECT_BRUSH)
         go.click(run, [labels_state, prompt, boxes, preset_box, strength, steps, cfg, seed, compare, *phrases],
-                 [image, plain, outlined, maps, strip, timing, png_out, layout_out, command],
+                 [image, plain, outlined, maps, maps_table, strip, timing, png_out, layout_out, command],
                  concurrency_limit=1, concurrency_id="pipeline", api_visibility="private")
     return page
 

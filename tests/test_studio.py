@@ -148,7 +148,8 @@ def test_png_and_layout_round_trip_and_the_cli_makes_the_same_image(pipe, tmp_pa
     regions = studio.studio_regions(labels, phrases)
     request = studio.Request("a red circle and a blue square", regions, "linear", 0.8, 3, 4.5, 5, 128, 128, True)
     outcome = studio.generate(pipe, request, tmp_path / "run", None)
-    assert outcome.plain is not None and len(outcome.maps) == 2 and "inside its region" in outcome.maps[0][1]
+    assert outcome.plain is not None and len(outcome.maps) == 2 and outcome.maps[0][1].endswith("% inside")
+    assert "| the blue region | a blue square | " in studio.share_table(outcome.shares)
     assert outcome.strip.width > 3 * 72 and outcome.outlined.size == (512, 512)
 
     record = read_png_metadata(outcome.png)
