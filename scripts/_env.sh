@@ -17,4 +17,10 @@ if [[ "${EXTRAS:-}" == *test* ]] && ! "$VPY" -c "import importlib.util as u; ass
   # that its sampling module does not use (tests/test_img2img.py loads that module alone).
   "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps "k-diffusion==0.1.1.post1" 2>&1 | grep -v -E "^(WARNING: Location|\s*$)" || true
 fi
+if [[ "${EXTRAS:-}" == *test* ]] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # Debian's Chromium for the studio's browser test (tests/test_studio_browser.py skips where it is missing).
+  echo "installing chromium (Debian's package) for the browser test..." >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "warning: could not install chromium; the studio's browser test will be skipped" >&2
+fi
 "$VPY" -c "import mmdit, samplers, loaders, dense" # fail loudly if the install did not work
