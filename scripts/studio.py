@@ -552,7 +552,10 @@ def denoise_strip(previews: list[np.ndarray], final: Image.Image, tile: int = 72
 
 def preview(latents, scale: int = 4) -> np.ndarray:
     """A step's latents as a small RGB picture (no VAE: `latent_preview`'s fixed linear map)."""
-    from mmdit.latent_preview import latent_preview
+    if __package__:  # imported as `scripts.studio` (a notebook, the tests)
+        from .preview import latent_preview
+    else:  # run as `python scripts/studio.py`: Python looks for imports in this folder first
+        from preview import latent_preview
 
     return latent_preview(latents[:1], scale=scale)[0].numpy()
 
