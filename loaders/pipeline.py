@@ -32,6 +32,7 @@ from .layout import layout_record, match_layout, plan_layout
 from .lora import LoRA, LoRAFile, check_transformer_loras, lora_records, merge_loras, read_lora
 from .memory import MemoryLog, measure
 from .text import TextFiles, encode_prompts, find_text_files
+from .transformer_file import TransformerFile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by their CLI names
 
@@ -228,6 +229,7 @@ class Pipeline:
     `weights="fp8"` keeps the MM-DiT's and T5's linear layers in float8 with a per-tensor scale, computed in
     `dtype` (`loaders.fp8`); ComfyUI's scaled-float8 files load with either setting.
     `loras`: LoRA files (`loaders.lora`) merged into the MM-DiT and the CLIP encoders each time they load.
+    `transformer_file`: the MM-DiT's own file (`--transformer`, GGUF or safetensors), in place of the model's.
     """
 
     source: ModelSource
@@ -245,6 +247,7 @@ class Pipeline:
     loras: tuple[LoRAFile, ...] = ()  # read and checked against the MM-DiT by `load`
     vae_dtype: torch.dtype | None = None  # None: `dtype` (see `load`)
     compile: bool = False  # torch.compile the MM-DiT's joint blocks (see `load`)
+    transformer_file: TransformerFile | None = None  # None: the MM-DiT of `checkpoint`
     _model: MMDiT | None = None
     _vae: VAE | None = None
     _text: dict | None = None  # tokenizers and text encoders, when kept loaded
@@ -256,7 +259,8 @@ class Pipeline:
              keep_loaded: bool = False, offload: str = "none",
              t5_device: str | torch.device | None = None, weights: str = "full",
              loras: Sequence[LoRA | str | Path | tuple[str | Path, float]] = (),
-             preset: str = "diffusers", vae_dtype: torch.dtype | None = None, compile: bool = False) -> Pipeline:
+             preset: str = "diffusers", vae_dtype: torch.dtype | None = None, compile: bool = False,
+             transformer: str | Path | None = None) -> Pipeline:
         """`model` is what `--model` takes (None: the built-in model). `vae_dtype`: the VAE's own dtype (None:
         `dtype`, as diffusers runs it); float32 for CPUs whose 16-bit convolutions are slow (README "Speed": on
         ours bfloat16 is the faster). `preset`: "diffusers" (default settings,
@@ -265,7 +269,8 @@ class Pipeline:
         (path, scale) pair; their MM-DiT keys are checked here, before any weight is read, their CLIP keys when
         the encoders load. `compile`: `torch.compile` each joint block of the MM-DiT when it loads; the first call
         of each block shape compiles (minutes at full size), later ones run the compiled kernels. The outputs differ
-        from eager ones by rounding only (README "Speed")."""
+        from eager ones by rounding only (README "Speed"). `transformer`: a GGUF or safetensors file whose MM-DiT
+        replaces the model's (`loaders.transformer_file`; docs/gguf.md)."""
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         check_offload(offload)
         check_weights(weights)
@@ -275,14 +280,19 @@ class Pipeline:
         source = resolve_model(None if model is None else str(model), need_t5=t5)
         checkpoint = locate(source.diffusion)
         config = transformer_config(checkpoint)
-        defaults = model_defaults(source, checkpoint, config, preset)
+        own = None
+        if transformer is not None:
+            own = TransformerFile.open(transformer)
+            own.check_fits(config, source.label)
+            config = own.config
+        defaults = model_defaults(source, own.checkpoint if own else checkpoint, config, preset)
         lora_files = tuple(read_lora(lora) for lora in loras)
         if lora_files:
             with torch.device("meta"):  # names and shapes only: a mismatch is reported before anything loads
                 check_transformer_loras(MMDiT(config), lora_files)
         pipe = cls(source, checkpoint, config, defaults, t5, tokenizers, dtype, device, keep_loaded,
                    offload=offload, t5_device=t5_device, weights=weights, loras=lora_files,
-                   vae_dtype=vae_dtype, compile=compile,
+                   vae_dtype=vae_dtype, compile=compile, transformer_file=own,
                    _text={} if keep_loaded else None)
         if keep_loaded:
             pipe.transformer(), pipe.autoencoder()
@@ -303,8 +313,12 @@ class Pipeline:
     def transformer(self) -> MMDiT:
         model = self._model
         if model is None:
-            model = load_transformer(self.checkpoint, dtype=self.dtype, device=self.device, offload=self.offload,
-                                     weights=self.weights)
+            if self.transformer_file is not None:
+                model = self.transformer_file.load(dtype=self.dtype, device=self.device, offload=self.offload,
+                                                   weights=self.weights)
+            else:
+                model = load_transformer(self.checkpoint, dtype=self.dtype, device=self.device,
+                                         offload=self.offload, weights=self.weights)
             if self.loras:
                 merge_loras(model, self.loras, "transformer")  # into the fresh weights
             if self.compile:
@@ -469,7 +483,9 @@ class Pipeline:
         """What made the image, as it goes into the PNG metadata (enough to make it again)."""
         dense = layout is not None
         return {
-            "model": self.source.label, "variant": self.defaults.variant, "prompt": prompt,
+            "model": self.source.label,
+            **({"transformer": str(self.transformer_file.path)} if self.transformer_file else {}),
+            "variant": self.defaults.variant, "prompt": prompt,
             "negative_prompt": negative_prompt, "prompt_embeds": None, **settings.to_dict(),
             "dtype": str(self.dtype).removeprefix("torch."), "max_sequence_length": length,
             **({"vae_dtype": str(self.vae_dtype).removeprefix("torch.")} if self.vae_dtype not in (None, self.dtype)

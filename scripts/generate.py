@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model and prompt")
     src.add_argument("--model", help="diffusers folder, .safetensors single file, or Hub repo id (default: built-in tiny model)")
+    src.add_argument("--transformer", type=Path, help="the MM-DiT from this file instead: a GGUF file (Q8_0, Q4_0, "
+                     "...; docs/gguf.md) or a .safetensors file holding the MM-DiT alone; --model gives the rest")
     src.add_argument("--tokenizers", type=Path, help="folder holding tokenizer/, tokenizer_2/, tokenizer_3/ (for a single file)")
     src.add_argument("--prompt", help="the text to draw")
     src.add_argument("--prompts", type=Path, help="a file of prompts: one per line, or JSON Lines (see above)")
@@ -244,7 +246,8 @@ def run(args: argparse.Namespace, say) -> int:
     pipe = Pipeline.load(args.model, dtype=DTYPES[args.dtype], device=device, t5=not args.no_t5,
                          tokenizers=args.tokenizers, keep_loaded=len(todo) > 1, offload=args.offload,
                          t5_device=args.t5_device, weights=args.weights, loras=args.lora, preset=args.preset,
-                         vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None, compile=args.compile)
+                         vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None, compile=args.compile,
+                         transformer=args.transformer)
     memory = MemoryLog() if args.report_memory else None
     if pipe.defaults.note:
         say(f"note: {pipe.defaults.note}")
@@ -261,7 +264,9 @@ def run(args: argparse.Namespace, say) -> int:
     steps = settings.steps
     if args.init_image is not None:
         steps -= first_step(settings.steps, DEFAULT_STRENGTH if args.strength is None else args.strength)
-    say(f"model {pipe.checkpoint.name} ({pipe.defaults.variant}), {settings.steps} steps, cfg {settings.cfg}, "
+    say(f"model {pipe.checkpoint.name}"
+        + (f" with the MM-DiT of {args.transformer.name}" if args.transformer else "")
+        + f" ({pipe.defaults.variant}), {settings.steps} steps, cfg {settings.cfg}, "
         f"shift {settings.shift}, {settings.sampler}, {settings.width}x{settings.height}, {args.dtype} on {device}"
         + (", float8 weights" if args.weights == "fp8" else "")
         + (f"; {len(jobs)} prompts, {len(jobs) - len(todo) if world == 1 else 'some'} already made" if args.prompts else ""))
