@@ -36,7 +36,9 @@ from mmdit.gguf import BLOCK_TYPES, BlockType, GGUFLinear, Workspace, dequantize
 from mmdit.model import MMDiT, MMDiTConfig, NotSD3Error
 from mmdit.streaming import offload_blocks
 
-from .safetensors import CheckpointError, check_fits
+from .checkpoint import _transformer_source, _what_is_it, locate
+from .fp8 import is_quantized
+from .safetensors import CheckpointError, TensorReader, check_fits
 from .transformer_keys import diffusers_sources, is_diffusers_layout, swap_halves
 
 MAGIC = b"GGUF"
@@ -95,8 +97,6 @@ class GGUFFile:
         try:
             return MMDiTConfig.from_state_dict(meta)
         except NotSD3Error as e:
-            from .checkpoint import _what_is_it
-
             raise NotSD3Error(f"{self.path}: {e}{_what_is_it(meta)}") from None
 
     def block(self, key: str) -> BlockType:
@@ -237,9 +237,29 @@ def load_gguf_transformer(file: GGUFFile, *, dtype: torch.dtype = torch.float32,
         if key not in linears:  # decoded once: norms, biases, the position table, the patch convolution
             t = dequantize(t, file.block(key), dtype).reshape(shape)
         state[key] = t.to(home)
+        if not any(state[key].data_ptr() == p.data.ctypes.data for p in file.tensors[key][0]):
+            _release(file.tensors[key][0])  # copied or converted: the mapped bytes are not needed again
     model.load_state_dict(state, strict=True, assign=True)
     model = model.requires_grad_(False).eval()
     return offload_blocks(model, device) if offload == "blocks" else model
+
+
+def _release(parts: tuple[StoredTensor, ...]) -> None:
+    """Drop the pages these tensors occupy in the memory map from this process's resident memory: a mapped page
+    once read stays resident while the map lives, though a copy is what is used. The file's bytes are read again
+    if they are ever touched. Whole pages only; where `madvise` does not exist (Windows), nothing."""
+    import ctypes
+    import mmap
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    for p in parts:
+        start = -(-p.data.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (p.data.ctypes.data + p.data.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED (Linux, macOS)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -268,9 +288,10 @@ def write_gguf(path: str | Path, tensors: Iterable[tuple[str, Tensor]], qtype: s
     """Write an MM-DiT's tensors ((Stability name, tensor) pairs, e.g. `state_dict().items()`) as a GGUF file,
     quantised as `quantized_type` says. Each tensor is quantised as it comes; the file is written at the end.
 
-    Names may carry stable-diffusion.cpp's "model.diffusion_model." (the types go by the name without it);
-    `pos_embed_2d`: store the position table as (N, D); `types`: per-key overrides of the type; `raw`: per key, bytes already in a block
-    type (uint8 (rows, bytes a row), type name), for the types `gguf` cannot quantise (tests)."""
+    Names may carry stable-diffusion.cpp's "model.diffusion_model." (the types go by the name without it).
+    `pos_embed_2d`: store the position table as (N, D); `types`: per-key overrides of the type; `raw`: per key,
+    bytes already in a block type (uint8 (rows, bytes a row), type name), for the types `gguf` cannot quantise
+    (tests)."""
     import gguf
 
     if qtype not in WRITABLE:
@@ -302,10 +323,6 @@ def read_transformer(checkpoint_path: str | Path) -> Iterator[tuple[str, Tensor]
     """The MM-DiT tensors of a safetensors checkpoint (a Stability single file, a bare MM-DiT file or a diffusers
     folder), one at a time under Stability names, as stored: what `write_gguf` takes. A float8 file is refused
     (its scales would be lost: convert the 16-bit release)."""
-    from .checkpoint import _transformer_source, locate
-    from .fp8 import is_quantized
-    from .safetensors import TensorReader
-
     files, prefix, _ = _transformer_source(locate(checkpoint_path))
     with TensorReader(files, prefix) as reader:
         if is_quantized(reader):

@@ -55,8 +55,9 @@ dequantised to float32, updated, and quantised again with a fresh scale. A GGUF 
 keeps its blocks: its updates are kept beside it and added to the dequantised weight in float32 at every call,
 the sum rounded once (the merge's numbers; each call pays for the factors' product). `merge_loras` returns the
 updates it applied; `unmerge_loras` subtracts them again the same way, which gives float32 weights back to within
-their rounding (not bit for bit) and bfloat16 / float8 weights only approximately (a GGUF layer's are dropped). The pipeline never unmerges:
-it merges into freshly loaded weights whenever it loads a model, so the exact base weights are one reload away.
+their rounding (not bit for bit) and bfloat16 / float8 weights only approximately (a GGUF layer drops them). The
+pipeline never unmerges: it merges into freshly loaded weights whenever it loads a model, so the exact base
+weights are one reload away.
 
 Strictness, as for checkpoints: every key of a file must land on a layer of the right shape, or the whole
 file is refused with an error naming the key; so is a file that adapts nothing, one made for another model

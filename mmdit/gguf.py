@@ -12,14 +12,15 @@ GGUF (the file format of llama.cpp / ggml) stores a weight row by row, each row 
 | IQ4_NL / IQ4_XS | 4.5 / 4.25 | 32 / 256: d (and 6-bit sub-scales), 4-bit indices into a fixed table | d·table[q] |
 | F32 / F16 / BF16 | 32 / 16 / 16 | one value | the value |
 
-Each `dequantize_*` here turns a type's blocks into float32 exactly as the format's own reference,
-`gguf.quants.dequantize` of the `gguf` package, does: the same products and sums in the same order, so the
-same bits (tests/test_gguf.py checks every type). Most products are exact in float32 (a float16 scale times a
-small integer); where one is not (Q6_K's (d·sc)·q), the order is the reference's.
+Each type's `dequantize_blocks` here (a `dequantize_*` function, or `scaled_*` for the d·q types) turns its
+blocks into float32 exactly as the format's own reference, `gguf.quants.dequantize` of the `gguf` package,
+does: the same products and sums in the same order, so the same bits (tests/test_gguf.py checks every type).
+Most products are exact in float32 (a float16 scale times a small integer); where one is not (Q6_K's
+(d·sc)·q), the order is the reference's.
 
 `GGUFLinear.dequantized` decodes its weight on the layer's device, in chunks of rows, and rounds once to the
 compute dtype, so the layer's numbers are those of an `nn.Linear` holding `gguf.quants.dequantize(W)` in that
-dtype. On a CPU the chunks are small enough for the float32 temporaries to stay in the caches (docs/gguf.md).
+dtype. On a CPU `forward` decodes into memory that all layers of a model reuse (`Workspace`; docs/gguf.md).
 The layer shares the float8 layer's structure (`mmdit.quantized.QuantizedLinear`); LoRA updates are added
 after dequantisation (`matmul_weight`).
 """
@@ -38,9 +39,10 @@ from .quantized import QuantizedLinear
 QK_K = 256  # values in a block of the K and IQ4_XS types
 # IQ4_NL's and IQ4_XS's 16 levels (ggml's `kvalues_iq4nl`)
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-# Values dequantised at a time on a CPU: a chunk's float32 temporaries (1 MiB each) stay in the caches, and the
-# chunks are few enough that the per-operation overhead does not show (docs/gguf.md).
-CPU_CHUNK = 1 << 18
+# Values dequantised at a time on a CPU: a chunk's float32 temporaries are 16 MiB rather than a whole weight's,
+# and a layer takes a few chunks, so its threads meet at few barriers (on a busy machine more of them cost more
+# than the arithmetic; docs/gguf.md).
+CPU_CHUNK = 1 << 22
 
 
 def _f16(blocks: Tensor, start: int) -> Tensor:
@@ -67,26 +69,43 @@ def _bits(qh: Tensor) -> Tensor:
     return (_shifted(qh, tuple(range(8)), 2) & 1).reshape(qh.shape[0], -1)
 
 
-def _levels(index: Tensor) -> Tensor:
-    """IQ4's 4-bit indices -> their float32 levels."""
-    return torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=index.device)[index.int()]
+def _levels(index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """IQ4's 4-bit indices -> their levels."""
+    return torch.tensor(IQ4_LEVELS, dtype=dtype, device=index.device)[index.int()]
 
 
-def dequantize_q8_0(b: Tensor) -> Tensor:
-    return b[:, 2:].view(torch.int8).float().mul_(_f16(b, 0))
+# The types whose value is d·q, a float16 scale times a small integer: `scaled_*` gives (q int8, d float16).
+# In float32 the product is exact; in float16 it is rounded once, so computing it in float16 gives the
+# reference's value rounded to float16, with half the memory traffic (`dequantize`).
 
 
-def dequantize_q4_0(b: Tensor) -> Tensor:
-    return (_nibbles(b, 2).view(torch.int8) - 8).float().mul_(_f16(b, 0))
+def scaled_q8_0(b: Tensor) -> tuple[Tensor, Tensor]:
+    return b[:, 2:].view(torch.int8), b[:, :2].view(torch.float16)
+
+
+def scaled_q4_0(b: Tensor) -> tuple[Tensor, Tensor]:
+    return _nibbles(b, 2).view(torch.int8) - 8, b[:, :2].view(torch.float16)
+
+
+def scaled_q5_0(b: Tensor) -> tuple[Tensor, Tensor]:
+    q = _nibbles(b, 6) | (_bits(b[:, 2:6]) << 4)
+    return q.view(torch.int8) - 16, b[:, :2].view(torch.float16)
+
+
+def scaled_iq4_nl(b: Tensor) -> tuple[Tensor, Tensor]:
+    return _levels(_nibbles(b, 2), torch.int8), b[:, :2].view(torch.float16)
+
+
+def _from_scaled(scaled: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Callable[[Tensor], Tensor]:
+    def dequantize_blocks(b: Tensor) -> Tensor:
+        q, d = scaled(b)
+        return q.float().mul_(d.float())
+
+    return dequantize_blocks
 
 
 def dequantize_q4_1(b: Tensor) -> Tensor:
     return _nibbles(b, 4).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
-
-
-def dequantize_q5_0(b: Tensor) -> Tensor:
-    q = _nibbles(b, 6) | (_bits(b[:, 2:6]) << 4)
-    return (q.view(torch.int8) - 16).float().mul_(_f16(b, 0))
 
 
 def dequantize_q5_1(b: Tensor) -> Tensor:
@@ -153,10 +172,6 @@ def dequantize_q6_k(b: Tensor) -> Tensor:
     return (d * q).view(n, QK_K)  # (d·sc)·q: this product can round, so the reference's order
 
 
-def dequantize_iq4_nl(b: Tensor) -> Tensor:
-    return _levels(_nibbles(b, 2)).mul_(_f16(b, 0))
-
-
 def dequantize_iq4_xs(b: Tensor) -> Tensor:
     n = b.shape[0]
     low = _shifted(b[:, 4:8], (0, 4), 2).reshape(n, 8) & 0x0F
@@ -178,6 +193,7 @@ class BlockType:
     type_size: int
     dequantize_blocks: Callable[[Tensor], Tensor] | None = None
     float_dtype: torch.dtype | None = None
+    scaled: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # for the d·q types (see `scaled_q8_0`)
 
     def row_bytes(self, values: int) -> int:
         return values // self.block_size * self.type_size
@@ -191,17 +207,17 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("F32", 0, 1, 4, float_dtype=torch.float32),
     BlockType("F16", 1, 1, 2, float_dtype=torch.float16),
     BlockType("BF16", 30, 1, 2, float_dtype=torch.bfloat16),
-    BlockType("Q4_0", 2, 32, 18, dequantize_q4_0),
+    BlockType("Q4_0", 2, 32, 18, _from_scaled(scaled_q4_0), scaled=scaled_q4_0),
     BlockType("Q4_1", 3, 32, 20, dequantize_q4_1),
-    BlockType("Q5_0", 6, 32, 22, dequantize_q5_0),
+    BlockType("Q5_0", 6, 32, 22, _from_scaled(scaled_q5_0), scaled=scaled_q5_0),
     BlockType("Q5_1", 7, 32, 24, dequantize_q5_1),
-    BlockType("Q8_0", 8, 32, 34, dequantize_q8_0),
+    BlockType("Q8_0", 8, 32, 34, _from_scaled(scaled_q8_0), scaled=scaled_q8_0),
     BlockType("Q2_K", 10, QK_K, 84, dequantize_q2_k),
     BlockType("Q3_K", 11, QK_K, 110, dequantize_q3_k),
     BlockType("Q4_K", 12, QK_K, 144, dequantize_q4_k),
     BlockType("Q5_K", 13, QK_K, 176, dequantize_q5_k),
     BlockType("Q6_K", 14, QK_K, 210, dequantize_q6_k),
-    BlockType("IQ4_NL", 20, 32, 18, dequantize_iq4_nl),
+    BlockType("IQ4_NL", 20, 32, 18, _from_scaled(scaled_iq4_nl), scaled=scaled_iq4_nl),
     BlockType("IQ4_XS", 23, QK_K, 136, dequantize_iq4_xs),
 )}
 
@@ -227,7 +243,12 @@ def dequantize(data: Tensor, block: BlockType, dtype: torch.dtype = torch.float3
     flat = out.view(rows.shape[0], values)
     for start in range(0, rows.shape[0], chunk):
         blocks = rows[start : start + chunk].reshape(-1, block.type_size)
-        flat[start : start + chunk].view(-1, block.block_size).copy_(block.dequantize_blocks(blocks))  # rounds once
+        target = flat[start : start + chunk].view(-1, block.block_size)
+        if block.scaled is not None and dtype in (torch.float32, torch.float16):
+            q, d = block.scaled(blocks)  # float32: exact products; float16: exact operands, one rounding
+            torch.mul(q.to(dtype), d.to(dtype), out=target)
+        else:
+            target.copy_(block.dequantize_blocks(blocks))  # float32 values, rounded once to `dtype`
     return out
 
 

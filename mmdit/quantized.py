@@ -72,8 +72,8 @@ class QuantizedLinear(nn.Module):
         w = self.dequantized(dtype=torch.float32)
         if w.data_ptr() == self.weight.data_ptr():  # a float32 weight stored as it is: never write into it
             w = w.clone()
-        for u in self.low_rank:
-            w[u.rows] += (u.up @ u.down) * u.factor
+        for u in self.low_rank:  # the factors follow the weight when blocks are streamed to another device
+            w[u.rows] += (u.up.to(w.device) @ u.down.to(w.device)) * u.factor
         return w[rows].to(self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:

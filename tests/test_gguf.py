@@ -93,7 +93,8 @@ def test_float_types_equal_the_reference():
         t = BLOCK_TYPES[name]
         if name == "BF16":
             stored = gguf.quants.quantize(w.numpy(), G.BF16)
-            ref, ours = gguf.quants.dequantize(stored, G.BF16), dequantize(torch.from_numpy(stored).view(torch.bfloat16), t)
+            ref = gguf.quants.dequantize(stored, G.BF16)
+            ours = dequantize(torch.from_numpy(stored).view(torch.bfloat16), t)
         else:
             ref, ours = gguf.quants.dequantize(data.view(np.uint8), G[name]), dequantize(torch.from_numpy(data), t)
         assert np.array_equal(ours.numpy().view(np.int32), ref.view(np.int32)), name
@@ -369,8 +370,8 @@ def test_bad_gguf_files_are_one_line_errors(tmp_path, capsys):
         read_gguf(llm)
     with pytest.raises(NotSD3Error, match="not an SD3 .* it looks like a FLUX transformer"):
         read_gguf(sdcpp_flux).config()
-    odd = write_plain(tmp_path / "iq2.gguf", "sd3", {"joint_blocks.0.x_block.attn.qkv.weight":
-                                                     np.zeros((4, 66), dtype=np.uint8)}, {"joint_blocks.0.x_block.attn.qkv.weight": G.IQ2_XXS})
+    qkv = "joint_blocks.0.x_block.attn.qkv.weight"
+    odd = write_plain(tmp_path / "iq2.gguf", "sd3", {qkv: np.zeros((4, 66), dtype=np.uint8)}, {qkv: G.IQ2_XXS})
     with pytest.raises(GGUFError, match="stored as IQ2_XXS, which this engine does not decode"):
         read_gguf(odd)
     for path in (tmp_path / "cut.gguf", flux, odd):  # the CLI: exit status 2, one line
@@ -379,3 +380,24 @@ def test_bad_gguf_files_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
     assert isinstance(GGUFError("x"), InputError)
+
+
+def test_tiny_bench_runs_and_reports(tmp_path, capsys):
+    """scripts/bench/gguf_bench.py in its smallest mode: every engine runs, agrees, and is reported."""
+    import json
+
+    from scripts.bench.gguf_bench import main
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    try:
+        assert main(["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--dtype", "float32",
+                     "--no-memory", "--workdir", str(tmp_path / "files"), "--json", str(out), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| Q")]
+    assert [line.split("|")[1].strip() for line in table] == ["Q8_0", "Q4_0"]
+    report = json.loads(out.read_text())
+    assert set(report["times"]) == {"full", "ours Q8_0", "diffusers Q8_0", "ours Q4_0", "diffusers Q4_0"}
+    assert report["max_diff"]["diffusers Q8_0"] < 2e-3 and report["max_diff"]["diffusers Q4_0"] < 2e-3
+    assert report["max_diff"]["full Q8_0"] < report["max_diff"]["full Q4_0"] < 0.2  # Q4_0 rounds more
