@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from mmdit.errors import InputError, MissingInputError
 from mmdit.fp8 import FP8Linear, dequantize, quantize
+from mmdit.gguf import GGUFLinear
+from mmdit.quantized import LowRank, QuantizedLinear
 
 from .safetensors import TensorReader, total
 from .transformer_keys import module_pairs
@@ -393,8 +395,8 @@ class Target:
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every layer a LoRA can adapt: linear layers (float8 ones too) and convolutions."""
-    kinds = (nn.Linear, nn.Conv2d, FP8Linear)
+    """Every layer a LoRA can adapt: linear layers (float8 and GGUF ones too) and convolutions."""
+    kinds = (nn.Linear, nn.Conv2d, QuantizedLinear)
     return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
@@ -447,7 +449,8 @@ class Update:
 
 
 def _check_fit(pair: Pair, target: Target, layer: nn.Module, path: Path) -> None:
-    weight = tuple(layer.weight.shape)
+    stored = isinstance(layer, QuantizedLinear)  # a GGUF weight's shape is that of its packed bytes
+    weight = (layer.out_features, layer.in_features) if stored else tuple(layer.weight.shape)
     rows = weight[0] if target.rows is None else target.rows[1] - target.rows[0]
     where = target.module + ("" if target.rows is None else f" rows {target.rows[0]}:{target.rows[1]} (its "
                              f"{'qkv'[target.rows[0] // rows]} block)")
@@ -500,6 +503,9 @@ def _apply(model: nn.Module, updates: Iterable[Update], sign: float) -> None:
     with torch.no_grad():
         for name, group in by_layer.items():
             layer = layers[name]
+            if isinstance(layer, GGUFLinear):
+                _apply_low_rank(layer, group, sign)
+                continue
             fp8 = isinstance(layer, FP8Linear)
             w = (dequantize(layer.weight, layer.weight_scale, torch.float32) if fp8
                  else layer.weight.detach().to(torch.float32, copy=True))
@@ -522,6 +528,27 @@ def _apply(model: nn.Module, updates: Iterable[Update], sign: float) -> None:
                 layer.weight.copy_(w)  # in place: the parameter keeps its device, dtype and (pinned) memory
             if b is not None:
                 layer.bias.copy_(b)
+
+
+def _apply_low_rank(layer: GGUFLinear, group: list[Update], sign: float) -> None:
+    """A GGUF layer's blocks cannot take a sum: its updates are kept beside it and added to the dequantised
+    weight at every call (`mmdit.quantized.QuantizedLinear.matmul_weight`), in float32 as `_apply` adds them;
+    taking them back removes them. Bias updates are merged into the (float) bias as for any layer."""
+    if sign > 0:
+        for u in group:
+            device = layer.weight.device
+            rows = slice(None) if u.rows is None else slice(*u.rows)
+            down = u.down.to(device, torch.float32).reshape(u.down.shape[0], -1)
+            layer.low_rank.append(LowRank(rows, u.up.to(device, torch.float32), down, u.factor, source=u))
+    else:
+        layer.low_rank[:] = [r for r in layer.low_rank if not any(r.source is u for u in group)]
+    if any(u.up_bias is not None for u in group):
+        b = layer.bias.detach().to(torch.float32, copy=True)
+        for u in group:
+            if u.up_bias is not None:
+                rows = slice(None) if u.rows is None else slice(*u.rows)
+                b[rows] += u.up_bias.to(b.device, torch.float32) * (sign * u.factor)
+        layer.bias.copy_(b)
 
 
 def merge_loras(model: nn.Module, files: Sequence[LoRAFile], component: str = "transformer") -> tuple[Update, ...]:

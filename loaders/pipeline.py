@@ -32,6 +32,7 @@ from .layout import layout_record, match_layout, plan_layout, plan_regional, reg
 from .lora import LoRA, LoRAFile, check_transformer_loras, lora_records, merge_loras, read_lora
 from .memory import MemoryLog, measure
 from .text import TextFiles, encode_prompts, find_text_files
+from .transformer_file import TransformerFile
 from .validate import check_call, check_checkpoint, check_finite_step, check_load
 
 LAYOUT_METHODS = ("dense", "regional")  # DenseDiffusion (docs/densediffusion.md), Regional Prompting
@@ -305,6 +306,7 @@ class Pipeline:
     `weights="fp8"` keeps the MM-DiT's and T5's linear layers in float8 with a per-tensor scale, computed in
     `dtype` (`loaders.fp8`); ComfyUI's scaled-float8 files load with either setting.
     `loras`: LoRA files (`loaders.lora`) merged into the MM-DiT and the CLIP encoders each time they load.
+    `transformer_file`: the MM-DiT's own file (`--transformer`, GGUF or safetensors), in place of the model's.
     """
 
     source: ModelSource
@@ -322,6 +324,7 @@ class Pipeline:
     loras: tuple[LoRAFile, ...] = ()  # read and checked against the MM-DiT by `load`
     vae_dtype: torch.dtype | None = None  # None: `dtype` (see `load`)
     compile: bool = False  # torch.compile the MM-DiT's joint blocks (see `load`)
+    transformer_file: TransformerFile | None = None  # None: the MM-DiT of `checkpoint`
     _model: MMDiT | None = None
     _vae: VAE | None = None
     _text: dict | None = None  # tokenizers and text encoders, when kept loaded
@@ -333,16 +336,18 @@ class Pipeline:
              keep_loaded: bool = False, offload: str = "none",
              t5_device: str | torch.device | None = None, weights: str | None = None,
              loras: Sequence[LoRA | str | Path | tuple[str | Path, float]] = (),
-             preset: str = "diffusers", vae_dtype: torch.dtype | None = None, compile: bool = False) -> Pipeline:
+             preset: str = "diffusers", vae_dtype: torch.dtype | None = None, compile: bool = False,
+             transformer: str | Path | None = None) -> Pipeline:
         """`model` is what `--model` takes (None: the built-in model). `vae_dtype`: the VAE's own dtype (None:
         `dtype`, as diffusers runs it); float32 for CPUs whose 16-bit convolutions are slow (docs/performance.md).
         `preset`: "diffusers" (default settings, Euler) or "reference" (Stability's reference settings and
         DPM-Solver++(2M); see `model_defaults`). `loras`: each a `loaders.lora.LoRA`, a path (scale 1), a string
         spelt as `--lora PATH[:SCALE]`, or a (path, scale) pair; their MM-DiT keys are checked here, before any
-        weight is read, their CLIP keys when the encoders load. `weights`: None (the default) keeps a float8 file in float8 ("fp8") and loads any other in
-        `dtype` ("full"). `compile`: `torch.compile` each joint block of the
-        MM-DiT when it loads; the first call of each block shape compiles, later ones run the compiled kernels,
-        whose outputs differ from eager ones by rounding only (docs/performance.md)."""
+        weight is read, their CLIP keys when the encoders load. `weights`: None (the default) keeps a float8 file
+        in float8 ("fp8") and loads any other in `dtype` ("full"). `compile`: `torch.compile` each joint block of
+        the MM-DiT when it loads; the first call of each block shape compiles, later ones run the compiled
+        kernels, whose outputs differ from eager ones by rounding only (docs/performance.md). `transformer`: a
+        GGUF or safetensors file whose MM-DiT replaces the model's (`loaders.transformer_file`; docs/gguf.md)."""
         check_load(locals())  # every argument's type and range, before anything is resolved or read
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         check_offload(offload)
@@ -353,14 +358,19 @@ class Pipeline:
         checkpoint = locate(source.diffusion)
         config = transformer_config(checkpoint)
         weights = check_checkpoint(checkpoint, weights)  # None: float8 if the file stores float8, else full
-        defaults = model_defaults(source, checkpoint, config, preset)
+        own = None
+        if transformer is not None:
+            own = TransformerFile.open(transformer)
+            own.check_fits(config, source.label)
+            config = own.config
+        defaults = model_defaults(source, own.checkpoint if own else checkpoint, config, preset)
         lora_files = tuple(read_lora(lora) for lora in loras)
         if lora_files:
             with torch.device("meta"):  # names and shapes only: a mismatch is reported before anything loads
                 check_transformer_loras(MMDiT(config), lora_files)
         pipe = cls(source, checkpoint, config, defaults, t5, tokenizers, dtype, device, keep_loaded,
                    offload=offload, t5_device=t5_device, weights=weights, loras=lora_files,
-                   vae_dtype=vae_dtype, compile=compile,
+                   vae_dtype=vae_dtype, compile=compile, transformer_file=own,
                    _text={} if keep_loaded else None)
         if keep_loaded:
             pipe.transformer(), pipe.autoencoder()
@@ -381,8 +391,12 @@ class Pipeline:
     def transformer(self) -> MMDiT:
         model = self._model
         if model is None:
-            model = load_transformer(self.checkpoint, dtype=self.dtype, device=self.device, offload=self.offload,
-                                     weights=self.weights)
+            if self.transformer_file is not None:
+                model = self.transformer_file.load(dtype=self.dtype, device=self.device, offload=self.offload,
+                                                   weights=self.weights)
+            else:
+                model = load_transformer(self.checkpoint, dtype=self.dtype, device=self.device,
+                                         offload=self.offload, weights=self.weights)
             if self.loras:
                 merge_loras(model, self.loras, "transformer")  # into the fresh weights
             if self.compile:
@@ -562,7 +576,9 @@ class Pipeline:
         dense = control is not None and control.regional is None
         regional = control is not None and control.regional is not None
         return {
-            "model": self.source.label, "variant": self.defaults.variant, "prompt": prompt,
+            "model": self.source.label,
+            **({"transformer": str(self.transformer_file.path)} if self.transformer_file else {}),
+            "variant": self.defaults.variant, "prompt": prompt,
             "negative_prompt": negative_prompt, "prompt_embeds": None, **settings.to_dict(),
             "dtype": str(self.dtype).removeprefix("torch."), "max_sequence_length": length,
             **({"vae_dtype": str(self.vae_dtype).removeprefix("torch.")} if self.vae_dtype not in (None, self.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .fp8 import FP8Linear
+from .quantized import QuantizedLinear
 
 if TYPE_CHECKING:  # the dense package is only needed when a layout is given
     from dense import RegionalAttention, ScoreEdit
@@ -67,9 +67,10 @@ class SelfAttention(nn.Module):
         return self.proj(merge_heads(attention(q, k, v, dense)))
 
 
-def linear_rows(layer: nn.Linear | FP8Linear, x: Tensor, start: int) -> Tensor:
+def linear_rows(layer: nn.Linear | QuantizedLinear, x: Tensor, start: int) -> Tensor:
     """`layer(x)[..., start:]` without computing the outputs before `start` (the k, v rows of a fused qkv)."""
-    weight = layer.dequantized(slice(start, None)) if isinstance(layer, FP8Linear) else layer.weight[start:]
+    # float8 or GGUF: only these rows are dequantised
+    weight = layer.matmul_weight(slice(start, None)) if isinstance(layer, QuantizedLinear) else layer.weight[start:]
     return F.linear(x, weight, None if layer.bias is None else layer.bias[start:])
 
 

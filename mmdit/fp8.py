@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .quantized import QuantizedLinear
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # the float8 storage this module computes with
 
 
@@ -75,40 +77,29 @@ class FP8Spec:
     per_channel: bool = False
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(QuantizedLinear):
     """`nn.Linear` with its weight stored as float8 `weight` (out, in) and float32 `weight_scale` (() or
     (out, 1)); the bias (if any) is kept in the compute dtype. Keys: `<layer>.weight`, `<layer>.weight_scale`,
-    `<layer>.bias`, as in ComfyUI's `comfy_quant` checkpoints.
-
-    `compute_dtype` is fixed at construction (a module-wide `.to(dtype)` / `.half()` would convert the float8
-    weight itself and leave `compute_dtype` as it was: don't).
+    `<layer>.bias`, as in ComfyUI's `comfy_quant` checkpoints. The shared part (forward, bias, compute dtype)
+    is `mmdit.quantized.QuantizedLinear`'s.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, spec: FP8Spec,
                  device: torch.device | str | None = None):
-        super().__init__()
+        super().__init__(in_features, out_features, spec.compute_dtype)
         if spec.weight_dtype not in FP8_DTYPES:
             raise ValueError(f"FP8Linear stores float8 e4m3fn or e5m2 weights, not {spec.weight_dtype}")
-        self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype = spec.compute_dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=spec.weight_dtype, device=device),
                                    requires_grad=False)
         scale_shape = (out_features, 1) if spec.per_channel else ()
         self.weight_scale = nn.Parameter(torch.ones(scale_shape, dtype=torch.float32, device=device),
                                          requires_grad=False)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, dtype=spec.compute_dtype, device=device),
-                                     requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        self._add_bias(bias, device)
 
-    def dequantized(self, rows: slice = slice(None)) -> Tensor:
-        """The weight's rows `rows` in the compute dtype, (rows, in)."""
+    def dequantized(self, rows: slice = slice(None), dtype: torch.dtype | None = None) -> Tensor:
+        """The weight's rows `rows` in `dtype` (default: the compute dtype), (rows, in)."""
         scale = self.weight_scale if self.weight_scale.ndim == 0 else self.weight_scale[rows]
-        return dequantize(self.weight[rows], scale, self.compute_dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized(), self.bias)  # (..., in) -> (..., out)
+        return dequantize(self.weight[rows], scale, dtype or self.compute_dtype)
 
     def extra_repr(self) -> str:
         scale = "per row" if self.weight_scale.ndim else "per tensor"
@@ -117,9 +108,9 @@ class FP8Linear(nn.Module):
                 f"compute={str(self.compute_dtype).removeprefix('torch.')}")
 
 
-def compute_dtype(layer: nn.Linear | FP8Linear) -> torch.dtype:
+def compute_dtype(layer: nn.Linear | QuantizedLinear) -> torch.dtype:
     """The dtype a linear layer computes in (for a plain layer, its weight's dtype)."""
-    return layer.compute_dtype if isinstance(layer, FP8Linear) else layer.weight.dtype
+    return layer.compute_dtype if isinstance(layer, QuantizedLinear) else layer.weight.dtype
 
 
 def use_fp8_linears(module: nn.Module, specs: Mapping[str, FP8Spec]) -> nn.Module:

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model and prompt")
     src.add_argument("--model", help="diffusers folder, .safetensors single file, or Hub repo id (default: built-in tiny model)")
+    src.add_argument("--transformer", type=Path, help="the MM-DiT from this file instead: a GGUF file (Q8_0, Q4_0, "
+                     "...; docs/gguf.md) or a .safetensors file holding the MM-DiT alone; --model gives the rest")
     src.add_argument("--tokenizers", type=Path, help="folder holding tokenizer/, tokenizer_2/, tokenizer_3/ (for a single file)")
     src.add_argument("--prompt", help="the text to draw")
     src.add_argument("--prompts", type=Path, help="a file of prompts: one per line, or JSON Lines (see above)")
@@ -373,7 +375,7 @@ def run(args: argparse.Namespace, say) -> int:
     options = dict(dtype=DTYPES[args.dtype], device=device, t5=not args.no_t5, tokenizers=args.tokenizers,
                    offload=args.offload, t5_device=args.t5_device, weights=args.weights, loras=args.lora,
                    preset=args.preset, vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None,
-                   compile=args.compile)
+                   compile=args.compile, transformer=args.transformer)
     pipe = Pipeline.load(args.model, keep_loaded=False, **options)
     tokenizers: dict = {}  # loaded once for all the lines' layouts
     for job in plan.pending:
@@ -405,7 +407,9 @@ def run(args: argparse.Namespace, say) -> int:
     if args.weights is None:  # chosen by the file: say so, and how to choose the other
         weights += (" (the file stores float8; --weights full dequantises it)" if pipe.weights == "fp8" else
                     " (the file is not float8; --weights fp8 quantises it)")
-    say(f"model {pipe.checkpoint.name} ({pipe.defaults.variant}), {settings.steps} steps, cfg {settings.cfg}, "
+    say(f"model {pipe.checkpoint.name}"
+        + (f" with the MM-DiT of {args.transformer.name}" if args.transformer else "")
+        + f" ({pipe.defaults.variant}), {settings.steps} steps, cfg {settings.cfg}, "
         f"shift {settings.shift}, {settings.sampler}, {settings.width}x{settings.height}, {args.dtype} on {device}"
         + weights
         + (f"; {len(jobs)} prompts, {len(jobs) - len(plan.pending)} already made" if args.prompts else ""))
