@@ -77,7 +77,7 @@ TINY = Shape(blocks=2, num_heads=2, head_dim=32, context_dim=64, pooled_dim=48, 
 def diffusers_model(shape: Shape, seed: int) -> nn.Module:
     from diffusers import SD3Transformer2DModel
 
-    from tests.random_weights import randomize_
+    from tests._fixtures import randomize_
 
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(
