@@ -43,32 +43,16 @@ import torch
 from torch import Tensor, nn
 
 from loaders.pipeline import DTYPES
+from scripts.bench.bench import Shape  # the same benchmarked shape as the step benchmark
 
 TYPES = ("Q8_0", "Q4_0")
 MEMORY_GOAL = 1.15  # peak <= this x (weight bytes + activations)
 
 
-@dataclass(frozen=True)
-class Shape:
-    blocks: int
-    num_heads: int
-    head_dim: int
-    context_dim: int  # T5-XXL width
-    pooled_dim: int  # CLIP-L + CLIP-G
-    pos_embed_max_size: int
-    size: int  # image pixels per side
-    text_tokens: int  # 77 CLIP + 256 T5 in the pipelines
-    batch: int = 2  # one prompt with classifier-free guidance
-
-    @property
-    def latent(self) -> int:
-        return self.size // 8
-
-
 LARGE = Shape(blocks=2, num_heads=38, head_dim=64, context_dim=4096, pooled_dim=2048, pos_embed_max_size=192,
-              size=512, text_tokens=333)
+              size=512, text_tokens=333, batch=2)
 TINY = Shape(blocks=2, num_heads=2, head_dim=32, context_dim=64, pooled_dim=48, pos_embed_max_size=16, size=64,
-             text_tokens=9)
+             text_tokens=9, batch=2)
 
 
 # ---------------------------------------------------------------------------------------------- engines
