@@ -26,7 +26,7 @@ from samplers import (
     Guidance, Inpaint, ModelCall, Preset, first_step, initial_noise, noised, sample, sigmas,
 )
 
-from .checkpoint import Checkpoint, check_offload, load_transformer, load_vae, locate, transformer_config, variant
+from .checkpoint import Checkpoint, load_transformer, load_vae, locate, transformer_config, variant
 from .hub import ModelSource, resolve_model
 from .layout import layout_record, match_layout, plan_layout, plan_regional, regional_layout
 from .lora import LoRA, LoRAFile, check_transformer_loras, lora_records, merge_loras, read_lora
@@ -350,7 +350,6 @@ class Pipeline:
         GGUF or safetensors file whose MM-DiT replaces the model's (`loaders.transformer_file`; docs/gguf.md)."""
         check_load(locals())  # every argument's type and range, before anything is resolved or read
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        check_offload(offload)
         if compile:
             check_compiler(device, offload)
         t5_device = None if t5_device is None else _device(t5_device, "t5_device (--t5-device)")
