@@ -9,9 +9,9 @@ From Python or a notebook, in the repository root with the `[studio]` extra inst
     launch()                         # the built-in model; launch(pipe) or launch("stabilityai/...") for others
 
 A local Gradio page on one `loaders.Pipeline` (kept loaded). Each brush colour is a region with its phrase; the
-page turns the canvas into a DenseDiffusion layout at the output size, calls the pipeline with `record_maps=True`
-and shows the image with its regions, each phrase's attention map with its in-region share, and a preview per
-step. The PNG it offers carries the project's metadata (the layout and its masks included), the layout download
+page turns the canvas into a layout at the output size, calls the pipeline (DenseDiffusion with `record_maps=True`,
+or Regional Prompting: docs/layout-control.md) and shows the image with its regions, each phrase's attention map
+with its in-region share (DenseDiffusion), and a preview per step. The PNG it offers carries the project's metadata (the layout and its masks included), the layout download
 runs through `scripts/generate.py --layout` to the same image, bit for bit (tests/test_studio_browser.py).
 
 The first half of this file is plain functions on arrays (tests/test_studio.py); the page is `build_page`.
@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dense import Layout, Region, parse_layout
+from dense import Layout, Region, RegionalConfig, assign_tokens, parse_layout
 from loaders.pngmeta import read_png_metadata, save_png
 from mmdit.errors import InputError
 
@@ -50,6 +51,7 @@ PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("brown", (154, 99, 36)), ("maroon", (128, 0, 0)), ("mint", (170, 255, 195)), ("navy", (0, 0, 117)),
 )
 PRESET_NAMES = ("faithful", "linear", "joint", "hard")  # dense presets, as --dense-preset names them
+METHODS = (("DenseDiffusion", "dense"), ("Regional Prompting", "regional"))  # label, as --layout-method names it
 CANVAS_SIDE = 512  # the canvas's longer side is at least this many pixels (an integer multiple of the output)
 CELL = 16  # pixels per image token (8 per latent pixel x 2x2 patches): the grid drawn on the canvas
 BACKGROUND = (214, 214, 214)
@@ -209,8 +211,6 @@ def to_layout(regions: list[StudioRegion], prompt: str) -> Layout:
     """The `dense.Layout` the pipeline gets: masks named as in the layout download, boxes as boxes."""
     if not prompt.strip():
         raise InputError("the prompt is empty: type a phrase for each region (they make the prompt) or a prompt")
-    import torch
-
     return Layout(prompt=prompt, regions=tuple(
         Region(phrase=r.phrase, box=r.box) if r.box is not None else
         Region(phrase=r.phrase, mask=torch.from_numpy(r.mask.copy()), mask_path=Path(MASK_NAME.format(n)))
@@ -413,7 +413,8 @@ def layout_labels(layout: Layout, height: int, width: int, colours: list[int] | 
 class Restored:
     """What a PNG made here (or by the CLI) says about the image: the settings and the regions."""
 
-    settings: dict  # prompt, seed, steps, cfg, height, width, dense_preset, dense_strength
+    settings: dict  # prompt, seed, steps, cfg, height, width, dense_preset, dense_strength, layout_method,
+    # base_ratio, inject_steps, inject_interval, background_prompt
     labels: np.ndarray | None  # None: the PNG had no layout
     phrases: list[str]
     boxes: bool
@@ -436,6 +437,11 @@ def restore_png(path: str | Path, model_label: str) -> Restored:
     if settings["dense_preset"] is not None and settings["dense_preset"] not in PRESET_NAMES:
         notes.append(f"its dense preset {settings['dense_preset']!r} is not one of the page's; set to faithful")
         settings["dense_preset"] = "faithful"
+    # Regional Prompting's records add these keys; a DenseDiffusion record has none of them.
+    regional = record.get("regional") or {}
+    settings["layout_method"] = "regional" if record.get("layout_method") == "regional" else "dense"
+    settings.update({k: regional.get(k) for k in ("base_ratio", "inject_steps", "inject_interval")})
+    settings["background_prompt"] = record.get("background_prompt")
     layout = record.get("layout")
     if not layout:
         return Restored(settings, None, [], False, notes + ["it has no layout"])
@@ -578,6 +584,8 @@ class Request:
     height: int
     width: int
     compare: bool
+    regional: RegionalConfig | None = None  # None: DenseDiffusion (preset, strength); else Regional Prompting
+    background: str = ""  # Regional Prompting's prompt for the image tokens in no region
 
 
 @dataclass(frozen=True)
@@ -587,7 +595,7 @@ class Outcome:
     image: Image.Image
     plain: Image.Image | None  # the same seed without the layout
     outlined: Image.Image
-    maps: list[tuple[Image.Image, str]]  # overlay, caption
+    maps: list[tuple[Image.Image, str]]  # overlay, caption (none under Regional Prompting)
     shares: list[tuple[StudioRegion, float, float | None]]  # region, its area, its attention's in-region share
     strip: Image.Image
     png: Path
@@ -612,12 +620,15 @@ def generate(pipe, request: Request, folder: Path, model_arg: str | None, progre
             progress((i + 1, steps), desc="denoising", unit="steps")
 
     options = dict(seed=request.seed, steps=steps, cfg=request.cfg, height=request.height, width=request.width)
+    if request.regional is None:
+        method = dict(dense_preset=request.preset, dense_strength=request.strength, record_maps=True)
+    else:  # its mask decides where each phrase attends, so there are no maps to record
+        method = dict(layout_method="regional", regional=request.regional, background_prompt=request.background)
     started = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:  # e.g. a phrase found only in the CLIP tokens
             warnings.simplefilter("always")
-            result = pipe(layout=layout, dense_preset=request.preset, dense_strength=request.strength,
-                          record_maps=True, callback=step, **options)
+            result = pipe(layout=layout, callback=step, **method, **options)
     except InputError as e:
         raise check_fits(e, request.regions, request.prompt) from None
     seconds = time.perf_counter() - started
@@ -629,13 +640,17 @@ def generate(pipe, request: Request, folder: Path, model_arg: str | None, progre
         plain = pipe(request.prompt, **options).images[0]
         plain_seconds = time.perf_counter() - started
     image = result.images[0]
-    stats = {s["region"]: s for s in result.maps.to_stats()["regions"]}
     maps, shares = [], []
-    for n, attention in result.maps.region_maps().items():
-        region, s = request.regions[n], stats[n]
-        share = "—" if s["in_region_fraction"] is None else f"{s['in_region_fraction']:.0%}"
-        maps.append((attention_overlay(image, attention.numpy(), region), f'"{region.phrase}": {share} inside'))
-        shares.append((region, s["area"], s["in_region_fraction"]))
+    if result.maps is None:
+        tokens = assign_tokens(torch.from_numpy(np.stack([r.mask for r in request.regions])))
+        shares = [(r, area, None) for r, area in zip(request.regions, tokens.area)]
+    else:
+        stats = {s["region"]: s for s in result.maps.to_stats()["regions"]}
+        for n, attention in result.maps.region_maps().items():
+            region, s = request.regions[n], stats[n]
+            share = "—" if s["in_region_fraction"] is None else f"{s['in_region_fraction']:.0%}"
+            maps.append((attention_overlay(image, attention.numpy(), region), f'"{region.phrase}": {share} inside'))
+            shares.append((region, s["area"], s["in_region_fraction"]))
     files = layout_files(request.regions, request.prompt)
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"studio_seed{request.seed}.png"
@@ -674,9 +689,14 @@ def cli_command(request: Request, model_arg: str | None) -> str:
     import shlex
 
     model = f" --model {shlex.quote(model_arg)}" if model_arg else ""
+    r = request.regional
+    if r is None:
+        method = f"--dense-preset {request.preset} --dense-strength {request.strength}"
+    else:
+        method = (f"--layout-method regional --base-ratio {r.base_ratio} --inject-steps {r.inject_steps} "
+                  f"--inject-interval {r.inject_interval} --background-prompt {shlex.quote(request.background)}")
     return (f"python scripts/generate.py{model} --layout layout.json --seed {request.seed} --steps {request.steps} "
-            f"--cfg {request.cfg} --height {request.height} --width {request.width} "
-            f"--dense-preset {request.preset} --dense-strength {request.strength} --out image.png")
+            f"--cfg {request.cfg} --height {request.height} --width {request.width} {method} --out image.png")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -749,7 +769,9 @@ def build_page(pipe, model_arg: str | None = None):
             message += " Note: " + "; ".join(notes) + "."
         return [render_canvas(labels), labels, height, width, "" if base is None else base, prompt,
                 summary(labels), boxes, message, pick("seed"), pick("steps"), pick("cfg"), pick("dense_preset"),
-                pick("dense_strength"), *[gr.update(value=texts[i], visible=i in painted) for i in range(len(PALETTE))]]
+                pick("dense_strength"), pick("layout_method"), pick("base_ratio"), pick("inject_steps"),
+                pick("inject_interval"), pick("background_prompt"),
+                *[gr.update(value=texts[i], visible=i in painted) for i in range(len(PALETTE))]]
 
     def import_layout(files, labels):
         if not files:
@@ -792,13 +814,18 @@ def build_page(pipe, model_arg: str | None = None):
             labels = np.full((int(s["height"] or size), int(s["width"] or size)), -1, dtype=np.int16)
         return loaded(labels, restored.phrases, s["prompt"] or "", restored.boxes, restored.notes, s)
 
-    def run(labels, prompt, boxes, preset_name, strength, steps, cfg, seed, compare, *phrases,
-            progress=gr.Progress()):
+    def on_method(method):
+        return [gr.update(visible=method == "dense"), gr.update(visible=method == "regional")]
+
+    def run(labels, prompt, boxes, preset_name, strength, steps, cfg, seed, compare, method, base_ratio,
+            inject_steps, inject_interval, background, *phrases, progress=gr.Progress()):
         clicked = time.perf_counter()
         try:
             regions = studio_regions(labels, [p or "" for p in phrases], bool(boxes))
+            regional = RegionalConfig(float(base_ratio), int(inject_steps), int(inject_interval)) \
+                if method == "regional" else None
             request = Request((prompt or "").strip(), regions, preset_name, float(strength), int(steps), float(cfg),
-                              int(seed), *labels.shape, bool(compare))
+                              int(seed), *labels.shape, bool(compare), regional, background or "")
             outcome = generate(pipe, request, runs / f"{next(counter):06d}", model_arg, progress)
         except InputError as e:
             raise gr.Error(str(e), duration=None) from None
@@ -809,10 +836,16 @@ def build_page(pipe, model_arg: str | None = None):
                                              if outcome.plain_seconds is not None else "")
                   + f" · the page's own work {page:.2f} s")
         notes = "".join(f"\n\n⚠ {w}" for w in outcome.warnings)
+        table = share_table(outcome.shares)
+        if regional is not None:
+            table = (f"Regional Prompting masks the attention (each phrase's text and its region's image tokens "
+                     f"see each other only) in the first {regional.inject_steps} steps, so there is no map to "
+                     "measure; the maps are DenseDiffusion's.\n\n" + table)
         pixelated = ["pixelated"] if max(request.height, request.width) < 384 else []
         return [gr.update(value=outcome.image, elem_classes=pixelated),
                 gr.update(value=outcome.plain, visible=outcome.plain is not None, elem_classes=pixelated),
-                outcome.outlined, outcome.maps, share_table(outcome.shares), outcome.strip, timing + notes,
+                outcome.outlined, gr.update(value=outcome.maps, visible=bool(outcome.maps)), table, outcome.strip,
+                timing + notes,
                 gr.update(value=str(outcome.png), interactive=True),
                 gr.update(value=str(outcome.layout), interactive=True, label=f"Layout ({outcome.layout.name})"),
                 outcome.command]
@@ -843,10 +876,27 @@ def build_page(pipe, model_arg: str | None = None):
                 prompt = gr.Textbox(label="Prompt (assembled from the phrases; edit freely, every phrase must stay "
                                     "in it word for word)", elem_id="prompt", lines=2)
                 with gr.Row():
+                    method = gr.Radio(list(METHODS), value="dense", label="Layout method (docs/layout-control.md)",
+                                      elem_id="layout-method")
+                    seed = gr.Number(0, precision=0, label="Seed", elem_id="seed", minimum=0)
+                with gr.Row(visible=True) as dense_row:
                     preset_box = gr.Dropdown(list(PRESET_NAMES), value="faithful", label="Preset",
                                              elem_id="preset")
                     strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Strength", elem_id="strength")
-                    seed = gr.Number(0, precision=0, label="Seed", elem_id="seed", minimum=0)
+                regional_defaults = RegionalConfig()
+                with gr.Group(visible=False) as regional_group:
+                    with gr.Row():
+                        base_ratio = gr.Slider(0, 1, value=regional_defaults.base_ratio, step=0.05,
+                                               label="Base ratio β", info="the whole prompt's share",
+                                               elem_id="base-ratio")
+                        inject_steps = gr.Slider(0, 100, value=regional_defaults.inject_steps, step=1,
+                                                 label="Inject steps", info="the first steps masked",
+                                                 elem_id="inject-steps")
+                        inject_interval = gr.Slider(1, 8, value=regional_defaults.inject_interval, step=1,
+                                                    label="Block interval", info="mask every k-th block",
+                                                    elem_id="inject-interval")
+                    background = gr.Textbox(label="Background prompt (for the unpainted image; empty: any scene)",
+                                            elem_id="background-prompt", max_lines=1)
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=preset.steps, step=1, label="Steps", elem_id="steps")
                     cfg = gr.Slider(1, 15, value=preset.cfg, step=0.5, label="CFG", elem_id="cfg")
@@ -903,14 +953,17 @@ def build_page(pipe, model_arg: str | None = None):
         for slider in (width, height):
             slider.release(on_size, [labels_state, height, width], [editor, labels_state], queue=False).then(
                 None, js=SELECT_BRUSH)
+        method.change(on_method, method, [dense_row, regional_group], queue=False, show_progress="hidden")
         import_outputs = [editor, labels_state, height, width, base, prompt, region_summary, boxes, timing, seed,
-                          steps, cfg, preset_box, strength, *phrases]
+                          steps, cfg, preset_box, strength, method, base_ratio, inject_steps, inject_interval,
+                          background, *phrases]
         layout_in.upload(import_layout, [layout_in, labels_state], import_outputs, queue=False).then(
             None, js=SELECT_BRUSH)
         mask_go.click(import_mask, [mask_in, mapping, labels_state], import_outputs, queue=False).then(
             None, js=SELECT_BRUSH)
         png_in.upload(import_png, [png_in], import_outputs, queue=False).then(None, js=SELECT_BRUSH)
-        go.click(run, [labels_state, prompt, boxes, preset_box, strength, steps, cfg, seed, compare, *phrases],
+        go.click(run, [labels_state, prompt, boxes, preset_box, strength, steps, cfg, seed, compare, method,
+                       base_ratio, inject_steps, inject_interval, background, *phrases],
                  [image, plain, outlined, maps, maps_table, strip, timing, png_out, layout_out, command],
                  concurrency_limit=1, concurrency_id="pipeline", api_visibility="private")
     return page

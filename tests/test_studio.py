@@ -159,7 +159,9 @@ def test_png_and_layout_round_trip_and_the_cli_makes_the_same_image(pipe, tmp_pa
     assert restored.phrases[:3] == ["a red circle", "a blue square", ""] and not restored.notes and not restored.boxes
     assert (restored.labels == labels).all()
     assert restored.settings == {"prompt": request.prompt, "seed": 5, "steps": 3, "cfg": 4.5, "height": 128,
-                                 "width": 128, "dense_preset": "linear", "dense_strength": 0.8}
+                                 "width": 128, "dense_preset": "linear", "dense_strength": 0.8,
+                                 "layout_method": "dense", "base_ratio": None, "inject_steps": None,
+                                 "inject_interval": None, "background_prompt": None}
 
     with zipfile.ZipFile(outcome.layout) as z:
         assert sorted(z.namelist()) == ["layout.json", "region_0.png", "region_1.png"]
@@ -167,6 +169,39 @@ def test_png_and_layout_round_trip_and_the_cli_makes_the_same_image(pipe, tmp_pa
     assert (studio.read_layout_upload([outcome.layout], 128, 128)[1] == labels).all()  # the zip imports back
     argv = outcome.command.split()[2:]  # the command the page shows, run in the unpacked folder
     argv = [str(tmp_path / "unpacked" / a) if a in ("layout.json", "image.png") else a for a in argv]
+    assert generate_cli([*argv, "--quiet"]) == 0
+    assert (np.asarray(Image.open(tmp_path / "unpacked" / "image.png")) == np.asarray(outcome.image)).all()
+
+
+def test_regional_prompting_round_trips_and_the_cli_makes_the_same_image(pipe, tmp_path):
+    import shlex
+
+    from dense import RegionalConfig
+
+    labels = two_regions()
+    regions = studio.studio_regions(labels, ["a red circle", "a blue square"])
+    regional = RegionalConfig(base_ratio=0.2, inject_steps=2, inject_interval=2)
+    request = studio.Request("a red circle and a blue square", regions, "faithful", 1.0, 3, 4.5, 7, 128, 128, True,
+                             regional, "a grey floor")
+    outcome = studio.generate(pipe, request, tmp_path / "run", None)
+    dense = studio.generate(pipe, studio.Request(*[getattr(request, f) for f in ("prompt", "regions", "preset",
+                            "strength", "steps", "cfg", "seed", "height", "width")], False), tmp_path / "dense", None)
+    assert outcome.maps == [] and [(r.colour, area, share) for r, area, share in outcome.shares] == \
+        [(0, 0.25, None), (1, 0.25, None)]  # no maps under its mask; each region a quarter of the tokens
+    assert not (np.asarray(outcome.image) == np.asarray(dense.image)).all()  # the method is not DenseDiffusion's
+    assert not (np.asarray(outcome.image) == np.asarray(outcome.plain)).all()  # and it steers
+
+    restored = studio.restore_png(outcome.png, "builtin")
+    assert {k: restored.settings[k] for k in ("layout_method", "base_ratio", "inject_steps", "inject_interval",
+                                              "background_prompt")} == \
+        {"layout_method": "regional", "base_ratio": 0.2, "inject_steps": 2, "inject_interval": 2,
+         "background_prompt": "a grey floor"}
+    assert "--layout-method regional --base-ratio 0.2 --inject-steps 2 --inject-interval 2 " \
+           "--background-prompt 'a grey floor'" in outcome.command
+    with zipfile.ZipFile(outcome.layout) as z:
+        z.extractall(tmp_path / "unpacked")
+    argv = [str(tmp_path / "unpacked" / a) if a in ("layout.json", "image.png") else a
+            for a in shlex.split(outcome.command)[2:]]
     assert generate_cli([*argv, "--quiet"]) == 0
     assert (np.asarray(Image.open(tmp_path / "unpacked" / "image.png")) == np.asarray(outcome.image)).all()
 

@@ -1,10 +1,12 @@
 """The layout studio in a real browser: headless Chromium (Debian's) paints two regions, types two phrases, clicks
 Generate, and the image the page shows equals, bit for bit, what `scripts/generate.py --layout` makes from the
 layout the page offers for download. On the way it checks that a region without a phrase gets a message in the
-page, and that the page sends no request beyond this machine.
+page, and that the page sends no request beyond this machine; then it switches the method to Regional Prompting
+and generates again.
 
 Environment variables (docs/studio.md):
-  STUDIO_SCREENSHOT=path.png   where to save the page's screenshot (default: the test's temporary folder)
+  STUDIO_SCREENSHOT=path.png   where to save the page's screenshot (default: the test's temporary folder);
+                               the Regional Prompting one goes beside it, as path_regional.png
   STUDIO_REPEATS=N             time N more clicks and N CLI runs, alternating, on seeds 1..N
   STUDIO_TIMING=path.json      write those times there
 """
@@ -140,7 +142,8 @@ def test_paint_generate_and_the_cli_makes_the_same_image(tmp_path):
             command = page.locator("#studio-command textarea").input_value()
             page.locator("#maps img").first.wait_for()
             page.wait_for_timeout(300)
-            page.screenshot(path=os.environ.get("STUDIO_SCREENSHOT") or str(tmp_path / "page.png"), full_page=True)
+            screenshot = Path(os.environ.get("STUDIO_SCREENSHOT") or tmp_path / "page.png")
+            page.screenshot(path=screenshot, full_page=True)
 
             repeats = int(os.environ.get("STUDIO_REPEATS", "0"))
             clicks, runs, in_page, repeated = [], [], [], []
@@ -153,6 +156,19 @@ def test_paint_generate_and_the_cli_makes_the_same_image(tmp_path):
                 repeated.append(shown_image())
                 runs.append(cli(["--layout", str(tmp_path / "exported" / "layout.json"), "--seed", str(seed)],
                                 tmp_path / f"cli_{seed}.png"))
+
+            # Regional Prompting: its settings replace the preset's, the page runs it and says why there are no maps
+            page.locator("#seed input").fill("0")
+            page.locator("#seed input").press("Tab")
+            page.get_by_label("Regional Prompting").check()
+            page.locator("#base-ratio").wait_for(state="visible")
+            preset_hidden = page.locator("#preset").is_hidden()
+            click_and_wait()
+            regional = shown_image()
+            regional_command = page.locator("#studio-command textarea").input_value()
+            page.get_by_text("Regional Prompting masks the attention").wait_for()
+            page.wait_for_timeout(300)
+            page.screenshot(path=screenshot.with_name(screenshot.stem + "_regional.png"), full_page=True)
             context.close()
     finally:
         app.close()
@@ -169,6 +185,9 @@ def test_paint_generate_and_the_cli_makes_the_same_image(tmp_path):
     made = np.asarray(Image.open(tmp_path / "cli.png"))
     assert shown.shape == made.shape == (128, 128, 3)
     assert (shown == made).all(), "the page's image differs from the CLI's for the exported layout"
+    assert preset_hidden and "--layout-method regional --base-ratio 0.3 --inject-steps 10 --inject-interval 1 " \
+        "--background-prompt ''" in regional_command and "--dense-preset" not in regional_command
+    assert not (regional == shown).all(), "Regional Prompting drew the same image as DenseDiffusion"
     for seed, image in enumerate(repeated, 1):
         assert (image == np.asarray(Image.open(tmp_path / f"cli_{seed}.png"))).all(), seed
     if os.environ.get("STUDIO_TIMING"):
