@@ -340,11 +340,22 @@ def colour_mask_labels(image: Image.Image, mapping: list[tuple[tuple[int, int, i
     return labels, [p for _, p in mapping]
 
 
-def read_layout_upload(paths: list[str | Path], height: int, width: int) -> tuple[str | None, np.ndarray, list[str], bool]:
+@dataclass(frozen=True)
+class Upload:
+    """An imported layout, as the canvas takes it."""
+
+    prompt: str | None
+    labels: np.ndarray  # (H, W) int16: palette index per pixel, -1 where no region
+    phrases: list[str]
+    boxes: bool  # every region is a box
+    background: str | None  # Regional Prompting's background prompt, if the layout gives one
+
+
+def read_layout_upload(paths: list[str | Path], height: int, width: int) -> Upload:
     """The CLI's layout, uploaded as layout.json with its mask PNGs, or as the zip this page gives.
 
-    Returns (prompt, labels, phrases, all regions are boxes). Mask files are looked up by name among the
-    uploaded files only: a path in the JSON never reaches the server's disk.
+    Mask files are looked up by name among the uploaded files only: a path in the JSON never reaches the
+    server's disk.
     """
     files: dict[str, bytes] = {}
     for path in paths:
@@ -377,8 +388,8 @@ def read_layout_upload(paths: list[str | Path], height: int, width: int) -> tupl
                 region = {**region, "mask": f"mask_{n}.png"}
             regions.append(region)
         layout = parse_layout({**data, "regions": regions}, base_dir=folder)
-    return layout.prompt, layout_labels(layout, height, width), [r.phrase for r in layout.regions], \
-        all(r.box is not None for r in layout.regions)
+    return Upload(layout.prompt, layout_labels(layout, height, width), [r.phrase for r in layout.regions],
+                  all(r.box is not None for r in layout.regions), layout.background)
 
 
 def read_zip(path: Path) -> dict[str, bytes]:
@@ -777,9 +788,12 @@ def build_page(pipe, model_arg: str | None = None):
         if not files:
             return [gr.skip()] * len(import_outputs)
         try:
-            prompt, labels, phrases, boxes = read_layout_upload(files, *labels.shape)
-            prompt = prompt if prompt is not None else assemble_prompt("", phrases)
-            return loaded(labels, phrases, prompt, boxes, [])
+            upload = read_layout_upload(files, *labels.shape)
+            prompt = upload.prompt if upload.prompt is not None else assemble_prompt("", upload.phrases)
+            # a background prompt is Regional Prompting's: the page switches to it
+            settings = {"layout_method": "regional", "background_prompt": upload.background} \
+                if upload.background is not None else None
+            return loaded(upload.labels, upload.phrases, prompt, upload.boxes, [], settings)
         except InputError as e:
             raise gr.Error(str(e), duration=None) from None
 

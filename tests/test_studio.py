@@ -126,10 +126,15 @@ def test_layout_json_import_reads_only_uploaded_masks(tmp_path):
     Image.fromarray(mask).save(tmp_path / "left.png")
     (tmp_path / "layout.json").write_text(json.dumps({"prompt": "a red circle and a blue square", "regions": [
         {"phrase": "a red circle", "mask": "masks/left.png"}, {"phrase": "a blue square", "box": [0.5, 0.5, 1, 1]}]}))
-    prompt, labels, phrases, boxes = studio.read_layout_upload([tmp_path / "layout.json", tmp_path / "left.png"],
-                                                                128, 128)
-    assert prompt == "a red circle and a blue square" and phrases == ["a red circle", "a blue square"] and not boxes
+    upload = studio.read_layout_upload([tmp_path / "layout.json", tmp_path / "left.png"], 128, 128)
+    assert upload.prompt == "a red circle and a blue square" and upload.phrases == ["a red circle", "a blue square"]
+    assert not upload.boxes and upload.background is None
+    labels = upload.labels
     assert (labels[:, :64] == 0).all() and (labels[64:, 64:] == 1).all() and (labels[:64, 64:] == -1).all()
+    (tmp_path / "regional.json").write_text(json.dumps({"prompt": "a red circle", "background": "a calm sky",
+                                                        "regions": [{"phrase": "a red circle", "box": [0, 0, 0.5, 0.5]}]}))
+    upload = studio.read_layout_upload([tmp_path / "regional.json"], 128, 128)
+    assert upload.boxes and upload.background == "a calm sky"  # Regional Prompting's: the page switches to it
     # A mask path in the JSON never reaches the server's disk: only uploaded files are read.
     (tmp_path / "evil.json").write_text(json.dumps({"regions": [{"phrase": "x", "mask": "/etc/hostname"}]}))
     with pytest.raises(InputError, match="upload that image too"):
@@ -166,7 +171,7 @@ def test_png_and_layout_round_trip_and_the_cli_makes_the_same_image(pipe, tmp_pa
     with zipfile.ZipFile(outcome.layout) as z:
         assert sorted(z.namelist()) == ["layout.json", "region_0.png", "region_1.png"]
         z.extractall(tmp_path / "unpacked")
-    assert (studio.read_layout_upload([outcome.layout], 128, 128)[1] == labels).all()  # the zip imports back
+    assert (studio.read_layout_upload([outcome.layout], 128, 128).labels == labels).all()  # the zip imports back
     argv = outcome.command.split()[2:]  # the command the page shows, run in the unpacked folder
     argv = [str(tmp_path / "unpacked" / a) if a in ("layout.json", "image.png") else a for a in argv]
     assert generate_cli([*argv, "--quiet"]) == 0
