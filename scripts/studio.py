@@ -11,8 +11,9 @@ From Python or a notebook, in the repository root with the `[studio]` extra inst
 A local Gradio page on one `loaders.Pipeline` (kept loaded). Each brush colour is a region with its phrase; the
 page turns the canvas into a layout at the output size, calls the pipeline (DenseDiffusion with `record_maps=True`,
 or Regional Prompting: docs/layout-control.md) and shows the image with its regions, each phrase's attention map
-with its in-region share (DenseDiffusion), and a preview per step. The PNG it offers carries the project's metadata (the layout and its masks included), the layout download
-runs through `scripts/generate.py --layout` to the same image, bit for bit (tests/test_studio_browser.py).
+with its in-region share (DenseDiffusion), and a preview per step. The PNG it offers carries the project's
+metadata (the layout and its masks included), the layout download runs through `scripts/generate.py --layout` to
+the same image, bit for bit (tests/test_studio_browser.py).
 
 The first half of this file is plain functions on arrays (tests/test_studio.py); the page is `build_page`.
 Bad input raises `mmdit.errors.InputError`; the page shows its message.

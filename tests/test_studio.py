@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -189,8 +190,7 @@ def test_regional_prompting_round_trips_and_the_cli_makes_the_same_image(pipe, t
     request = studio.Request("a red circle and a blue square", regions, "faithful", 1.0, 3, 4.5, 7, 128, 128, True,
                              regional, "a grey floor")
     outcome = studio.generate(pipe, request, tmp_path / "run", None)
-    dense = studio.generate(pipe, studio.Request(*[getattr(request, f) for f in ("prompt", "regions", "preset",
-                            "strength", "steps", "cfg", "seed", "height", "width")], False), tmp_path / "dense", None)
+    dense = studio.generate(pipe, replace(request, regional=None, compare=False), tmp_path / "dense", None)
     assert outcome.maps == [] and [(r.colour, area, share) for r, area, share in outcome.shares] == \
         [(0, 0.25, None), (1, 0.25, None)]  # no maps under its mask; each region a quarter of the tokens
     assert not (np.asarray(outcome.image) == np.asarray(dense.image)).all()  # the method is not DenseDiffusion's
