@@ -108,6 +108,13 @@ def measure(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict:
     return row
 
 
+def random_model(cls: type[nn.Module], cfg, g: torch.Generator) -> nn.Module:
+    """`cls(cfg)` built without memory, then given random weights (randomised norms and biases) on the CPU."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    return randomize_(model.to_empty(device="cpu"), g).eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -120,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny and "tiny" not in name:
             continue
         g = torch.Generator().manual_seed(args.seed)
-        with torch.device("meta"):
-            model = MMDiT(cfg)
-        model = randomize_(model.to_empty(device="cpu"), g).eval()
+        model = random_model(MMDiT, cfg, g)
         model.pos_embed.normal_(generator=g)  # a buffer, which randomize_ leaves alone
         rows.append({"component": "MM-DiT", "model": name, **measure(model, mmdit_inputs(cfg, g))})
         del model
@@ -134,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny and "tiny" not in name:
             continue
         g = torch.Generator().manual_seed(args.seed)
-        with torch.device("meta"):
-            model = T5Encoder(cfg)
-        model = randomize_(model.to_empty(device="cpu"), g).eval()
+        model = random_model(T5Encoder, cfg, g)
         ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=g)
         rows.append({"component": "T5", "model": name, **measure(model, (ids,))})
         del model
